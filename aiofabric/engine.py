@@ -1,0 +1,621 @@
+"""TransferEngine: the asyncio face of one native worker (one DomainGroup).
+
+Every transfer is posted when the method is called and returns an
+``asyncio.Future``; the worker thread reports completions through an eventfd
+that the running loop watches (``loop.add_reader``), and this module resolves
+the futures in the loop's thread.  Nothing here blocks the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any
+
+from . import wire
+from ._lib import check, ffi, lib, strerror
+from .counters import ImmCounter, _check_n
+from .errors import BusyResourceError, ClosedResourceError, ProtocolError, UnavailableError, completion_error
+from .memory import Address, MemoryRegion, RegionDescriptor, RegionView
+from .providers import default_provider
+
+__all__ = ["EngineConfig", "EngineStatistics", "Message", "TransferEngine", "open_engine"]
+
+_U32 = (1 << 32) - 1
+_NATIVE_FIELDS = frozenset(
+    "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post".split()
+)
+_OK_BATCH = 1024
+_EV_BATCH = 256
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings (all optional).
+
+    msg_size: largest two-sided message frame in bytes (the payload limit is
+        this minus the sender's address, see ``TransferEngine.max_message_size``).
+    spin_us: how long the worker keeps polling after the last activity before
+        it blocks; idle_ms: the longest it blocks (progress runs this often).
+    wait_spin_us: on providers that cannot wake a blocked thread (shm, rxd),
+        how long the worker keeps polling after the last activity while a task
+        awaits a counter or a message (after that it polls every <= 1 ms).
+    direct_post: post from the calling thread instead of handing work to the
+        worker (see docs/design.md for the measurement behind the default).
+    loop_spin_us: while operations or waits are pending, the event loop also
+        polls the completion ring (between its other callbacks) for this long
+        after the last completion before it relies on the eventfd alone; trades
+        CPU for latency (0: off).
+    """
+
+    msg_size: int = 65536
+    recv_slots: int = 64
+    send_slots: int = 64
+    max_ops: int = 4096
+    sq_slots: int = 1 << 16
+    eq_slots: int = 1 << 16
+    spin_us: int = 100
+    wait_spin_us: int = 20000
+    idle_ms: int = 10
+    direct_post: bool = False
+    loop_spin_us: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStatistics:
+    """A snapshot of an engine's counts (``engine.statistics()``)."""
+
+    provider: str
+    writes_posted: int
+    bytes_posted: int
+    sends_posted: int
+    completions: int
+    errors: int
+    imms_received: int
+    msgs_received: int
+    eagain: int
+    worker_sleeps: int
+    worker_wakeups: int
+    ops_in_flight: int
+    queued: int
+    pending_futures: int
+    regions: int
+    messages_waiting: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """A two-sided message: who sent it and its bytes."""
+
+    sender: Address
+    data: bytes
+
+
+class TransferEngine:
+    """One native worker driving one NIC (a DomainGroup of one, for now).
+
+    Open it with :func:`open_engine`; use it from the event loop that opened it.
+    """
+
+    def __init__(self, handle: Any, loop: asyncio.AbstractEventLoop, config: EngineConfig) -> None:
+        self._h = handle
+        self._loop = loop
+        self.config = config
+        info = ffi.new("struct afc_info *")
+        lib.afc_get_info(handle, info)
+        self.provider = ffi.string(info.provider).decode()
+        self.fabric = ffi.string(info.fabric).decode()
+        self.domain = ffi.string(info.domain).decode()
+        self.mr_mode = int(info.mr_mode)
+        self.blocking_wait = bool(info.wait_fd)
+        name = ffi.new("char[]", lib.AFC_ADDR_MAX)
+        size = ffi.new("size_t *", lib.AFC_ADDR_MAX)
+        check(lib.afc_local_addr(handle, name, size), "fi_getname")
+        self._nic_name = bytes(ffi.buffer(name, size[0]))
+        self._closed = False
+        self._next_id = itertools.count(1).__next__
+        self._pending: dict[int, tuple[asyncio.Future[None], Any]] = {}
+        self._peers: dict[bytes, int] = {}
+        self._counters: dict[int, ImmCounter] = {}
+        self._messages: deque[Message] = deque()
+        self._recv_waiters: deque[asyncio.Future[Message]] = deque()
+        self._send_backlog: deque[tuple[int, bytes, int]] = deque()
+        self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        self._remote_errors = 0
+        self._expecting = 0
+        self._polling = False
+        self._last_activity = 0.0
+        self._spin_s = config.loop_spin_us / 1e6
+        self._ok = ffi.new("uint64_t[]", _OK_BATCH)
+        self._ev = ffi.new("struct afc_event[]", _EV_BATCH)
+        self._nev = ffi.new("int *")
+        # The doorbell: a tiny region notifies write zero bytes into.
+        self._doorbell_buf = bytearray(64)
+        incarnation = ffi.new("uint64_t *")
+        check(lib.afc_random_u64(incarnation), "getrandom")
+        db_cdata = ffi.from_buffer(self._doorbell_buf, require_writable=True)
+        self._doorbell = self._register_raw(db_cdata, 64, lib.FI_REMOTE_WRITE | lib.FI_WRITE)
+        db_mr, self._doorbell_desc, db_key, db_base = self._doorbell
+        self._doorbell_ptr = int(ffi.cast("uintptr_t", db_cdata))
+        self._doorbell_cdata = db_cdata
+        self.address = Address(
+            wire.AddressBody(self.provider, incarnation[0], (wire.NicAddress(self._nic_name, db_base, db_key),))
+        )
+        self._msg_header = wire.encode_msg_header(self.address.to_bytes())
+        self.max_message_size = config.msg_size - len(self._msg_header)
+        self._fd = lib.afc_event_fd(handle)
+        loop.add_reader(self._fd, self._on_events)
+
+    # -- memory -------------------------------------------------------------
+
+    def _register_raw(self, cdata: Any, nbytes: int, access: int) -> tuple[Any, Any, int, int]:
+        out = ffi.new("afc_mr **")
+        key = ffi.new("uint64_t *")
+        base = ffi.new("uint64_t *")
+        check(lib.afc_mr_reg(self._h, cdata, nbytes, access, out, key, base), f"register({nbytes} bytes)")
+        mr = out[0]
+        return mr, lib.afc_mr_desc(mr), int(key[0]), int(base[0])
+
+    def register(self, buf: Any, *, remote_write: bool = True, remote_read: bool = False) -> MemoryRegion:
+        """Register a buffer-protocol object (bytearray, mmap, numpy array, ...).
+
+        Read-only buffers (``bytes``) can only be registered for local use, as
+        the source of writes.  Raises TypeError for objects without a
+        contiguous buffer, ValueError for empty or read-only-but-remote-writable
+        buffers, RegistrationError when the provider refuses (the message says
+        how to raise the locked-memory limit when that is the cause).
+        """
+        self._check_open()
+        try:
+            cdata = ffi.from_buffer(buf, require_writable=True)
+            readonly = False
+        except TypeError:
+            try:
+                cdata = ffi.from_buffer(buf)
+            except TypeError:
+                raise TypeError(
+                    f"register() needs a contiguous buffer-protocol object, not {type(buf).__name__}"
+                ) from None
+            readonly = True
+        nbytes = len(cdata)
+        if nbytes == 0:
+            raise ValueError("cannot register an empty buffer")
+        if readonly and (remote_write or remote_read):
+            raise ValueError(
+                "read-only buffer: register it with remote_write=False (it can only be a write source)"
+            )
+        access = lib.FI_WRITE | lib.FI_READ | lib.FI_SEND | lib.FI_RECV
+        if remote_write:
+            access |= lib.FI_REMOTE_WRITE
+        if remote_read:
+            access |= lib.FI_REMOTE_READ
+        ptr = int(ffi.cast("uintptr_t", cdata))
+        region = MemoryRegion(self, buf, cdata, ptr, nbytes, readonly, bool(remote_write), bool(remote_read))
+        region._mr, region._desc, region._key, base = self._register_raw(cdata, nbytes, access)
+        region._remote_base = base
+        self._regions.add(region)
+        return region
+
+    def _release_region(self, region: MemoryRegion) -> None:
+        if region._inflight == 0 and region._mr is not None and not self._closed:
+            mr, region._mr = region._mr, None
+            self._regions.discard(region)
+            check(lib.afc_mr_close(mr), "fi_close(mr)")
+
+    # -- addressing ---------------------------------------------------------
+
+    def _fi_addr(self, owner: Address) -> int:
+        name = owner._body.nics[0].name
+        a = self._peers.get(name)
+        if a is None:
+            if owner.provider != self.provider:
+                raise ValueError(f"peer uses provider {owner.provider!r}, this engine {self.provider!r}")
+            out = ffi.new("uint64_t *")
+            rc = lib.afc_av_insert(self._h, name, len(name), out)
+            if rc < 0:
+                raise ProtocolError(f"peer address rejected by {self.provider}: {strerror(-rc)}")
+            a = self._peers[name] = int(out[0])
+        return a
+
+    # -- transfers ----------------------------------------------------------
+
+    def write(self, src: MemoryRegion | RegionView, dst: RegionDescriptor, *, imm: int | None = None) -> asyncio.Future[None]:
+        """Write ``src`` into the peer's ``dst`` (same length), one-sided.
+
+        Posted before it returns.  The future resolves at local completion;
+        the target learns of arrival only from ``imm`` (counted by its
+        ImmCounter).  Raises TypeError/ValueError on bad arguments (nothing is
+        posted), ClosedResourceError if the engine or region is closed; the
+        future fails with CompletionError/RemoteAccessError/BrokenResourceError.
+        Cancelling the future abandons the wait, not the transfer.
+        """
+        if self._closed:
+            raise ClosedResourceError("engine is closed")
+        t = type(src)
+        if t is RegionView:
+            region = src.region
+            off = src.offset
+        elif t is MemoryRegion:
+            region = src
+            off = 0
+        else:
+            raise TypeError(f"src must be a MemoryRegion or a slice of one, not {t.__name__}")
+        if type(dst) is not RegionDescriptor:
+            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
+        n = src.nbytes
+        if n != dst.nbytes:
+            raise ValueError(f"src has {n} bytes but dst has {dst.nbytes}")
+        if region.engine is not self:
+            raise ValueError("src is registered with another engine")
+        if region._closed:
+            raise ClosedResourceError("src region is closed")
+        if imm is None:
+            v = -1
+        elif type(imm) is int and 0 <= imm <= _U32:
+            v = imm
+        else:
+            raise _bad_imm(imm)
+        dest = self._peers.get(dst.owner._body.nics[0].name)
+        if dest is None:
+            dest = self._fi_addr(dst.owner)
+        i = self._next_id()
+        rc = lib.afc_write(self._h, i, region._ptr + off, n, region._desc, dest, dst.addr, dst.keys[0], v)
+        if rc:
+            check(rc, "write")
+        fut = self._loop.create_future()
+        self._pending[i] = (fut, region)
+        region._inflight += 1
+        if self._spin_s and not self._polling:
+            self._start_polling()
+        return fut
+
+    def notify(self, peer: Address, imm: int) -> asyncio.Future[None]:
+        """Deliver one immediate to ``peer`` (a zero-byte write to its doorbell)."""
+        if self._closed:
+            raise ClosedResourceError("engine is closed")
+        if type(peer) is not Address:
+            raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
+        if type(imm) is not int or not 0 <= imm <= _U32:
+            raise _bad_imm(imm)
+        nic = peer._body.nics[0]
+        dest = self._peers.get(nic.name)
+        if dest is None:
+            dest = self._fi_addr(peer)
+        i = self._next_id()
+        check(lib.afc_write(self._h, i, self._doorbell_ptr, 0, self._doorbell_desc, dest,
+                            nic.doorbell_addr, nic.doorbell_key, imm), "notify")
+        fut = self._loop.create_future()
+        self._pending[i] = (fut, None)
+        return fut
+
+    def send(self, peer: Address, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
+        """Send a message (at most ``max_message_size`` bytes) to ``peer``'s
+        :meth:`recv`.  The data is copied before this returns."""
+        if self._closed:
+            raise ClosedResourceError("engine is closed")
+        if type(peer) is not Address:
+            raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
+        data = bytes(memoryview(data))
+        if len(data) > self.max_message_size:
+            raise ValueError(
+                f"message of {len(data)} bytes exceeds max_message_size={self.max_message_size}; "
+                "write large payloads into a registered region instead"
+            )
+        dest = self._fi_addr(peer)
+        i = self._next_id()
+        fut = self._loop.create_future()
+        self._pending[i] = (fut, None)
+        if self._send_backlog or not self._post_send(i, data, dest):
+            self._send_backlog.append((i, data, dest))
+        return fut
+
+    def _post_send(self, i: int, data: bytes, dest: int) -> bool:
+        hdr = self._msg_header
+        rc = lib.afc_send(self._h, i, hdr, len(hdr), data, len(data), dest)
+        if rc == -lib.FI_EAGAIN:
+            return False
+        if rc:
+            fut, _ = self._pending.pop(i)
+            fut.set_exception(completion_error("send", -rc, 0, strerror(-rc)))
+        return True
+
+    async def recv(self) -> Message:
+        """The next message from any peer.  Cancelling loses no message."""
+        if self._messages:
+            return self._messages.popleft()
+        self._check_open()
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._recv_waiters.append(fut)
+        self._expect(1)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._messages.appendleft(fut.result())
+            else:
+                try:
+                    self._recv_waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            self._expect(-1)
+
+    def _expect(self, delta: int) -> None:
+        if not self._closed:
+            self._expecting += delta
+            if not self._spin_s:
+                lib.afc_expect(self._h, delta)  # the worker polls for us
+            if delta > 0 and self._spin_s and not self._polling:
+                self._start_polling()
+
+    def _start_polling(self) -> None:
+        self._polling = True
+        self._last_activity = time.monotonic()
+        self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        if self._closed:
+            self._polling = False
+            return
+        now = time.monotonic()
+        lib.afc_progress(self._h)
+        if self._on_events():
+            self._last_activity = now
+        if (self._pending or self._expecting) and now - self._last_activity < self._spin_s:
+            self._loop.call_soon(self._poll)
+        else:
+            self._polling = False
+
+    def imm_counter(self, imm: int) -> ImmCounter:
+        """The counter of immediate value ``imm`` (one object per value; arrivals
+        before this call are already counted)."""
+        if type(imm) is not int or not 0 <= imm <= _U32:
+            raise _bad_imm(imm)
+        c = self._counters.get(imm)
+        if c is None:
+            c = self._counters[imm] = ImmCounter(imm, self._loop, self._expect)
+            if self._closed:
+                c._close(ClosedResourceError("engine is closed"))
+        return c
+
+    # -- completions --------------------------------------------------------
+
+    def _on_events(self) -> int:
+        h, ok, ev, nev = self._h, self._ok, self._ev, self._nev
+        pending = self._pending
+        total = 0
+        while True:
+            n = lib.afc_drain(h, ok, _OK_BATCH, ev, _EV_BATCH, nev)
+            total += n + nev[0]
+            if n:
+                for i in ffi.unpack(ok, n):
+                    fut, region = pending.pop(i, _NO_OP)
+                    if region is not None:
+                        region._inflight -= 1
+                        if region._closed and region._inflight == 0:
+                            self._release_region(region)
+                    if not fut.done():
+                        fut.set_result(None)
+            ne = nev[0]
+            for j in range(ne):
+                self._on_event(ev[j])
+            if n < _OK_BATCH and ne < _EV_BATCH:
+                break
+        while self._send_backlog:
+            i, data, dest = self._send_backlog[0]
+            if not self._post_send(i, data, dest):
+                break
+            self._send_backlog.popleft()
+        return total
+
+    def _on_event(self, e: Any) -> None:
+        kind = e.kind
+        if kind == lib.AFC_EV_IMM:
+            v = int(e.data)
+            c = self._counters.get(v)
+            if c is None:
+                c = self._counters[v] = ImmCounter(v, self._loop, self._expect)
+            c._add(int(e.aux))
+        elif kind == lib.AFC_EV_RECV:
+            self._on_message(int(e.id), int(e.data))
+        elif kind == lib.AFC_EV_ERROR:
+            fut, region = self._pending.pop(int(e.id), _NO_OP)
+            if region is not None:
+                region._inflight -= 1
+                if region._closed and region._inflight == 0:
+                    self._release_region(region)
+            if not fut.done():
+                fut.set_exception(completion_error("transfer failed", e.err, int(ffi.cast("int64_t", e.data)), strerror(e.err)))
+        elif kind == lib.AFC_EV_RERROR:
+            self._remote_errors += 1
+
+    def _on_message(self, slot: int, length: int) -> None:
+        frame = bytes(ffi.buffer(lib.afc_recv_buf(self._h, slot), length))
+        check(lib.afc_recv_release(self._h, slot), "repost receive")
+        try:
+            sender_bytes, off = wire.decode_msg_header(frame)
+            msg = Message(Address.from_bytes(sender_bytes), frame[off:])
+        except ProtocolError:
+            self._remote_errors += 1  # a malformed frame is dropped, never delivered
+            return
+        while self._recv_waiters:
+            fut = self._recv_waiters.popleft()
+            if not fut.done():
+                fut.set_result(msg)
+                return
+        self._messages.append(msg)
+
+    # -- lifetime -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("engine is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> EngineStatistics:
+        s = ffi.new("struct afc_stats *")
+        if not self._closed:
+            lib.afc_get_stats(self._h, s)
+        vals = {f.name: int(getattr(s, f.name)) for f in fields(EngineStatistics) if hasattr(s, f.name)}
+        return EngineStatistics(
+            provider=self.provider,
+            queued=int(s.sq_depth) + len(self._send_backlog),
+            pending_futures=len(self._pending),
+            regions=len(self._regions),
+            messages_waiting=len(self._messages),
+            **vals,
+        )
+
+    async def aclose(self) -> None:
+        """Close: fail every pending future, counter wait and recv with
+        ClosedResourceError, deregister every region, release the provider's
+        resources.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        lib.afc_stop(self._h)  # joins the worker: nothing touches buffers after this
+        exc = ClosedResourceError("engine closed with the operation in flight")
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        self._send_backlog.clear()
+        for c in self._counters.values():
+            c._close(ClosedResourceError("engine is closed"))
+        while self._recv_waiters:
+            fut = self._recv_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(ClosedResourceError("engine is closed"))
+        for region in list(self._regions):
+            region._closed = True
+            if region._mr is not None:
+                lib.afc_mr_close(region._mr)
+                region._mr = None
+        self._regions.clear()
+        lib.afc_mr_close(self._doorbell[0])
+        lib.afc_close(self._h)
+        self._h = None
+
+    async def __aenter__(self) -> TransferEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<TransferEngine {self.provider} {self.domain} {state}>"
+
+
+class _Orphan:
+    """Stands in for the future of an id Python does not know (never expected)."""
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+
+_NO_OP = (_Orphan, None)
+
+
+def _bad_imm(imm: object) -> Exception:
+    if type(imm) is not int:
+        return TypeError(f"imm must be an int, not {type(imm).__name__}")
+    return ValueError(f"imm must be an unsigned 32-bit value, got {imm}")
+
+
+class _Opener:
+    """``open_engine(...)``: use with ``async with``, or ``await`` it."""
+
+    def __init__(self, provider: str | None, nics: list[str] | None, config: EngineConfig) -> None:
+        self._args = (provider, nics, config)
+        self._engine: TransferEngine | None = None
+
+    def _open(self) -> TransferEngine:
+        provider, nics, config = self._args
+        return _open_now(asyncio.get_running_loop(), provider, nics, config)
+
+    def __await__(self):
+        async def go() -> TransferEngine:
+            return self._open()
+        return go().__await__()
+
+    async def __aenter__(self) -> TransferEngine:
+        self._engine = self._open()
+        return self._engine
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._engine is not None
+        await self._engine.aclose()
+
+
+def open_engine(provider: str | None = None, nics: list[str] | None = None,
+                config: EngineConfig | None = None, **settings: Any) -> _Opener:
+    """Open a TransferEngine on ``provider`` (None: the best available, see
+    :func:`aiofabric.providers.default_provider`).
+
+    ``nics`` names the NIC (libfabric domain, e.g. ``"lo"`` or ``"mlx5_0"``);
+    one for now.  Keyword settings override fields of :class:`EngineConfig`.
+    Raises UnavailableError when the provider or NIC is missing.
+    """
+    if config is None:
+        config = EngineConfig()
+    if settings:
+        names = {f.name for f in fields(EngineConfig)}
+        bad = set(settings) - names
+        if bad:
+            raise TypeError(f"unknown engine setting(s): {', '.join(sorted(bad))}")
+        config = EngineConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **settings})
+    if provider is not None and (type(provider) is not str or not provider):
+        raise TypeError("provider must be a non-empty string or None")
+    if nics is not None:
+        if isinstance(nics, str) or not all(isinstance(n, str) for n in nics):
+            raise TypeError("nics must be a list of interface or domain names")
+        if len(nics) != 1:
+            raise ValueError("this version drives exactly one NIC per engine")
+    return _Opener(provider, nics, config)
+
+
+def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[str] | None,
+              config: EngineConfig) -> TransferEngine:
+    if provider is None:
+        provider = default_provider()
+        if provider is None:
+            raise UnavailableError("no libfabric provider with RMA writes and immediate data found")
+    for name in ("sq_slots", "eq_slots"):
+        v = getattr(config, name)
+        if v <= 0 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    if config.msg_size < 1024:
+        raise ValueError("msg_size must be at least 1024")
+    cfg = ffi.new("struct afc_config *")
+    lib.afc_default_config(cfg)
+    keep = [ffi.new("char[]", provider.encode())]
+    cfg.provider = keep[0]
+    if nics:
+        keep.append(ffi.new("char[]", nics[0].encode()))
+        cfg.domain = keep[-1]
+    for f in fields(config):
+        if f.name in _NATIVE_FIELDS:
+            setattr(cfg, f.name, int(getattr(config, f.name)))
+    out = ffi.new("afc_engine **")
+    err = ffi.new("char[]", 512)
+    rc = lib.afc_open(cfg, out, err, 512)
+    if rc:
+        text = ffi.string(err).decode(errors="replace")
+        if rc == -lib.FI_ENODATA:
+            raise UnavailableError(f"provider {provider!r} is not available here ({text})")
+        check(rc, text)
+    try:
+        return TransferEngine(out[0], loop, config)
+    except BaseException:
+        lib.afc_close(out[0])
+        raise

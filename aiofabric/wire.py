@@ -1,0 +1,180 @@
+"""Sans-IO wire codec: engine addresses, region descriptors and the message
+header.  No libfabric here, so it is tested (and fuzzed) on its own.
+
+Every encoding is msgpack, tagged and versioned::
+
+    address    ["af.addr", 1, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...]]
+    descriptor ["af.region", 1, <address body>, addr, nbytes, [key, ...]]
+
+Decoding never trusts its input: sizes are capped before and during
+unpacking, every field is type- and range-checked, and any failure is a
+:class:`~aiofabric.errors.ProtocolError`.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+import msgpack
+
+from .errors import ProtocolError
+
+__all__ = [
+    "WIRE_VERSION",
+    "MAX_NICS",
+    "MAX_NIC_NAME",
+    "MAX_ADDRESS_BYTES",
+    "MAX_DESCRIPTOR_BYTES",
+    "NicAddress",
+    "AddressBody",
+    "DescriptorBody",
+    "encode_address",
+    "decode_address",
+    "encode_descriptor",
+    "decode_descriptor",
+    "encode_msg_header",
+    "decode_msg_header",
+]
+
+WIRE_VERSION = 1
+MAX_NICS = 4
+MAX_NIC_NAME = 256
+MAX_PROVIDER = 64
+MAX_ADDRESS_BYTES = 2048
+MAX_DESCRIPTOR_BYTES = 4096
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+_ADDR_TAG = "af.addr"
+_DESC_TAG = "af.region"
+_MSG_MAGIC = b"AFm"
+_MSG_HEAD = struct.Struct("<3sBH")  # magic, version, sender address length
+
+
+class NicAddress(NamedTuple):
+    """One NIC of an engine: its endpoint name and its doorbell (a tiny
+    region that zero-byte notifies target)."""
+
+    name: bytes
+    doorbell_addr: int
+    doorbell_key: int
+
+
+class AddressBody(NamedTuple):
+    provider: str
+    incarnation: int
+    nics: tuple[NicAddress, ...]
+
+
+class DescriptorBody(NamedTuple):
+    owner: AddressBody
+    addr: int
+    nbytes: int
+    keys: tuple[int, ...]
+
+
+def _unpack(blob: Any, limit: int, what: str) -> Any:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, not {type(blob).__name__}")
+    if len(blob) > limit:
+        raise ProtocolError(f"{what}: {len(blob)} bytes exceeds the limit of {limit}")
+    try:
+        return msgpack.unpackb(
+            blob,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_PROVIDER,
+            max_bin_len=MAX_NIC_NAME,
+            max_array_len=16,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many kinds on garbage
+        raise ProtocolError(f"{what}: not a valid encoding ({exc.__class__.__name__}: {exc})") from None
+
+
+def _int(v: Any, hi: int, what: str) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise ProtocolError(f"{what}: expected an integer in [0, {hi}], got {v!r:.40}")
+    return v
+
+
+def _list(v: Any, n: int | None, what: str) -> list:
+    if type(v) is not list or (n is not None and len(v) != n):
+        raise ProtocolError(f"{what}: expected a list{'' if n is None else f' of {n}'}")
+    return v
+
+
+def _header(obj: Any, tag: str, n: int, what: str) -> list:
+    if type(obj) is not list or len(obj) < 2 or obj[0] != tag:
+        raise ProtocolError(f"{what}: not an aiofabric {what}")
+    if obj[1] != WIRE_VERSION:
+        raise ProtocolError(f"{what}: unsupported version {obj[1]!r:.20} (this side speaks {WIRE_VERSION})")
+    return _list(obj, n, what)
+
+
+def _address_fields(a: AddressBody) -> list:
+    return [a.provider, a.incarnation, [[n.name, n.doorbell_addr, n.doorbell_key] for n in a.nics]]
+
+
+def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, what: str) -> AddressBody:
+    if type(provider) is not str or not provider:
+        raise ProtocolError(f"{what}: provider must be a non-empty string")
+    inc = _int(incarnation, U64, f"{what}: incarnation")
+    nic_list = _list(nics, None, f"{what}: nics")
+    if not 1 <= len(nic_list) <= MAX_NICS:
+        raise ProtocolError(f"{what}: {len(nic_list)} NICs (1 to {MAX_NICS} allowed)")
+    out = []
+    for i, nic in enumerate(nic_list):
+        name, db_addr, db_key = _list(nic, 3, f"{what}: nic {i}")
+        if type(name) is not bytes or not name:
+            raise ProtocolError(f"{what}: nic {i} name must be non-empty bytes")
+        out.append(NicAddress(name, _int(db_addr, U64, f"{what}: doorbell"), _int(db_key, U64, f"{what}: key")))
+    return AddressBody(provider, inc, tuple(out))
+
+
+def encode_address(a: AddressBody) -> bytes:
+    return msgpack.packb([_ADDR_TAG, WIRE_VERSION, *_address_fields(a)], use_bin_type=True)
+
+
+def decode_address(blob: Any) -> AddressBody:
+    obj = _header(_unpack(blob, MAX_ADDRESS_BYTES, "address"), _ADDR_TAG, 5, "address")
+    return _parse_address_fields(obj[2], obj[3], obj[4], "address")
+
+
+def encode_descriptor(d: DescriptorBody) -> bytes:
+    return msgpack.packb(
+        [_DESC_TAG, WIRE_VERSION, _address_fields(d.owner), d.addr, d.nbytes, list(d.keys)],
+        use_bin_type=True,
+    )
+
+
+def decode_descriptor(blob: Any) -> DescriptorBody:
+    obj = _header(_unpack(blob, MAX_DESCRIPTOR_BYTES, "descriptor"), _DESC_TAG, 6, "descriptor")
+    owner = _parse_address_fields(*_list(obj[2], 3, "descriptor: owner"), "descriptor: owner")
+    addr = _int(obj[3], U64, "descriptor: addr")
+    nbytes = _int(obj[4], U64, "descriptor: nbytes")
+    if addr + nbytes > U64 + 1:
+        raise ProtocolError("descriptor: region wraps the address space")
+    keys = tuple(_int(k, U64, "descriptor: key") for k in _list(obj[5], None, "descriptor: keys"))
+    if len(keys) != len(owner.nics):
+        raise ProtocolError(f"descriptor: {len(keys)} keys for {len(owner.nics)} NICs")
+    return DescriptorBody(owner, addr, nbytes, keys)
+
+
+def encode_msg_header(sender: bytes) -> bytes:
+    return _MSG_HEAD.pack(_MSG_MAGIC, WIRE_VERSION, len(sender)) + sender
+
+
+def decode_msg_header(frame: bytes) -> tuple[bytes, int]:
+    """Return the sender's encoded address and the offset of the payload."""
+    if len(frame) < _MSG_HEAD.size:
+        raise ProtocolError(f"message: {len(frame)} bytes is shorter than the header")
+    magic, version, alen = _MSG_HEAD.unpack_from(frame)
+    if magic != _MSG_MAGIC:
+        raise ProtocolError("message: bad magic")
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"message: unsupported version {version}")
+    end = _MSG_HEAD.size + alen
+    if alen > MAX_ADDRESS_BYTES or end > len(frame):
+        raise ProtocolError("message: truncated sender address")
+    return frame[_MSG_HEAD.size : end], end

@@ -1,0 +1,239 @@
+"""Single-write bandwidth, 4 KiB write rate and notify round trip between two
+processes, against the raw libfabric C program (benchmarks/raw/fabric_raw.c)
+measured in the same run.
+
+    python -m benchmarks.write_bw --provider shm
+    python -m benchmarks.write_bw --provider "tcp;ofi_rxm" --json out.json
+
+Prints a table with the ratio aiofabric / raw and writes JSON (provider,
+libfabric version, machine, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+for _k in ("FI_TCP_IFACE", "FI_UDP_IFACE", "FI_SOCKETS_IFACE"):
+    os.environ.setdefault(_k, "lo")
+
+import aiofabric as af  # noqa: E402
+
+from ._raw import run_raw  # noqa: E402
+
+SIZES = (4096, 65536, 1 << 20, 16 << 20, 64 << 20)
+MAX = 64 << 20
+RTT_IMM_PING, RTT_IMM_PONG = 1, 2
+
+
+def _target(provider: str, conn, settings: dict) -> None:
+    async def main() -> None:
+        async with af.open_engine(provider, **settings) as eng:
+            buf = bytearray(MAX)
+            region = eng.register(buf)
+            conn.send((eng.address.to_bytes(), region.descriptor().to_bytes()))
+            ping = eng.imm_counter(RTT_IMM_PING)
+            peer = af.Address.from_bytes(conn.recv())
+            loop = asyncio.get_running_loop()
+            stop = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: stop.done() or stop.set_result(None))
+
+            async def pong() -> None:
+                sent = None
+                while True:
+                    await ping.wait(1)
+                    if sent is not None:
+                        await sent  # the previous pong's local completion
+                    sent = eng.notify(peer, RTT_IMM_PONG)
+
+            task = asyncio.create_task(pong())
+            await stop
+            loop.remove_reader(conn.fileno())
+            task.cancel()
+            conn.recv()
+
+    asyncio.run(main())
+
+
+async def _keep_in_flight(eng, src, dst, inflight: int, seconds: float) -> tuple[int, float]:
+    """Keep `inflight` writes outstanding; return (ops, elapsed) after warm-up."""
+    loop = asyncio.get_running_loop()
+    done = 0
+    window: set = set()
+    t_end_warm = loop.time() + 0.2
+    t0 = None
+    end = None
+    while True:
+        while len(window) < inflight:
+            window.add(eng.write(src, dst))
+        finished, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+        for f in finished:
+            f.result()
+        now = loop.time()
+        if t0 is None:
+            if now >= t_end_warm:
+                t0, end = time.perf_counter(), now + seconds
+        else:
+            done += len(finished)
+            if now >= end:
+                break
+    elapsed = time.perf_counter() - t0
+    await asyncio.gather(*window)
+    return done, elapsed
+
+
+async def _rate(eng, src, dst, inflight: int, seconds: float) -> tuple[int, float]:
+    """Each write its own awaited future, `inflight` outstanding, FIFO."""
+    from collections import deque
+
+    q: deque = deque()
+    write = eng.write
+    for _ in range(inflight):
+        q.append(write(src, dst))
+    loop = asyncio.get_running_loop()
+    warm_end = loop.time() + 0.2
+    while loop.time() < warm_end:
+        for _ in range(inflight):
+            await q.popleft()
+            q.append(write(src, dst))
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(inflight):
+            await q.popleft()
+            q.append(write(src, dst))
+        n += inflight
+        if time.perf_counter() >= deadline:
+            break
+    elapsed = time.perf_counter() - t0
+    while q:
+        await q.popleft()
+    return n, elapsed
+
+
+async def _initiator(provider: str, conn, args, settings: dict) -> dict:
+    addr_b, desc_b = conn.recv()
+    peer = af.Address.from_bytes(addr_b)
+    desc = af.RegionDescriptor.from_bytes(desc_b)
+    out: dict = {"bw": {}, "rate": None, "rtt": None}
+    async with af.open_engine(provider, **settings) as eng:
+        conn.send(eng.address.to_bytes())
+        buf = bytearray(MAX)
+        region = eng.register(buf)
+        for size in args.sizes:
+            ops, el = await _keep_in_flight(eng, region[0:size], desc[0:size], args.inflight, args.seconds)
+            out["bw"][size] = {"ops_per_s": ops / el, "gbit_per_s": ops * size * 8 / el / 1e9}
+        ops, el = await _rate(eng, region[0:4096], desc[0:4096], 64, args.seconds)
+        out["rate"] = {"ops_per_s": ops / el}
+        pong = eng.imm_counter(RTT_IMM_PONG)
+        samples = []
+        for i in range(args.rtt_iters + 1000):
+            t = time.perf_counter()
+            sent = eng.notify(peer, RTT_IMM_PING)
+            await pong.wait(1)
+            await sent  # local completion; usually already there
+            if i >= 1000:
+                samples.append((time.perf_counter() - t) * 1e6)
+        samples.sort()
+        out["rtt"] = {
+            "rtt_us_median": statistics.median(samples),
+            "rtt_us_p99": samples[int(len(samples) * 0.99) - 1],
+        }
+        out["stats"] = eng.statistics().__dict__
+    return out
+
+
+def run_aiofabric(provider: str, args, settings: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_target, args=(provider, b, settings), daemon=True)
+    p.start()
+    try:
+        res = asyncio.run(_initiator(provider, a, args, settings))
+        a.send("stop")
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    return res
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--provider", default="shm")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rtt-iters", type=int, default=5000)
+    ap.add_argument("--direct-post", action="store_true", help="caller thread posts (see docs/design.md)")
+    ap.add_argument("--loop-spin-us", type=int, default=0, help="event-loop polling window (EngineConfig.loop_spin_us)")
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw C baseline")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    settings = {"direct_post": True} if args.direct_post else {}
+    if args.loop_spin_us:
+        settings["loop_spin_us"] = args.loop_spin_us
+    res = run_aiofabric(args.provider, args, settings)
+    raw: dict = {"bw": {}}
+    if not args.no_raw:
+        for size in args.sizes:
+            raw["bw"][size] = run_raw(args.provider, "bw", size=size, inflight=args.inflight, seconds=args.seconds)
+        raw["rate"] = run_raw(args.provider, "rate", size=4096, inflight=64, seconds=args.seconds)
+        raw["rtt"] = run_raw(args.provider, "rtt", iters=args.rtt_iters)
+
+    def ratio(x: float, y: float | None) -> str:
+        return f"{x / y:6.2f}" if y else "     -"
+
+    print(f"provider {args.provider}  libfabric {af.fabric_version()}  {platform.node()}  "
+          f"{os.cpu_count()} cpus  in flight {args.inflight}  direct_post={args.direct_post} loop_spin_us={args.loop_spin_us}")
+    print(f"{'workload':<22}{'aiofabric':>16}{'raw C':>16}{'ratio':>8}")
+    for size in args.sizes:
+        a = res["bw"][size]["gbit_per_s"]
+        r = raw["bw"].get(size, {}).get("gbit_per_s")
+        print(f"{'write ' + _human(size):<22}{a:>11.2f} Gb/s{(r or 0):>11.2f} Gb/s{ratio(a, r):>8}")
+    a = res["rate"]["ops_per_s"]
+    r = raw.get("rate", {}).get("ops_per_s")
+    print(f"{'4 KiB rate (64 fl.)':<22}{a:>12,.0f} /s{(r or 0):>12,.0f} /s{ratio(a, r):>8}")
+    a = res["rtt"]["rtt_us_median"]
+    r = raw.get("rtt", {}).get("rtt_us_median")
+    print(f"{'notify RTT median':<22}{a:>13.1f} us{(r or 0):>13.1f} us{ratio(a, r):>8}")
+    if args.json:
+        doc = {
+            "provider": args.provider,
+            "libfabric": af.fabric_version(),
+            "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": sys.version.split()[0]},
+            "commit": _commit(),
+            "settings": {"inflight": args.inflight, "seconds": args.seconds, **settings},
+            "aiofabric": res,
+            "raw": raw,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit, s in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= s and n % s == 0:
+            return f"{n // s} {unit}"
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

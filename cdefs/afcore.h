@@ -1,0 +1,115 @@
+/* The native core's API, as seen by cffi and by csrc/.  Declarations only:
+ * cffi parses this file verbatim, csrc/afcore.h includes it. */
+
+#define AFC_EV_DONE 1     /* an operation completed: id */
+#define AFC_EV_ERROR 2    /* an operation failed: id, err (positive fi errno), data = prov_errno */
+#define AFC_EV_IMM 3      /* immediates arrived: data = imm value, aux = how many */
+#define AFC_EV_RECV 4     /* a message arrived: id = receive slot, data = length */
+#define AFC_EV_RERROR 5   /* an error the provider reported for inbound traffic: err, data = prov_errno */
+
+#define AFC_OP_WRITE 1
+#define AFC_OP_SEND 2
+#define AFC_OP_REPOST 3
+
+#define AFC_ADDR_MAX 256  /* largest endpoint name we accept */
+
+struct afc_config {
+    const char *provider;      /* libfabric provider name, NULL: first that fits */
+    const char *domain;        /* domain (NIC) name, NULL: any */
+    const char *node;          /* address to bind, NULL: provider default */
+    uint32_t msg_size;         /* largest two-sided message, header included */
+    uint32_t recv_slots;       /* receive buffers kept posted */
+    uint32_t send_slots;       /* send bounce buffers */
+    uint32_t max_ops;          /* operations outstanding at the provider */
+    uint32_t sq_slots;         /* submission queue entries, power of two */
+    uint32_t eq_slots;         /* event ring entries, power of two */
+    uint32_t spin_us;          /* keep polling this long after the last activity */
+    uint32_t wait_spin_us;     /* ... and this long while Python awaits inbound traffic */
+    uint32_t idle_ms;          /* longest block when idle (progress still runs this often) */
+    uint32_t direct_post;      /* 1: the calling thread posts; 0: the worker posts */
+};
+
+struct afc_event {
+    uint64_t id;
+    int32_t kind;
+    int32_t err;
+    uint64_t data;
+    uint64_t aux;
+};
+
+struct afc_info {
+    char provider[64];
+    char fabric[128];
+    char domain[128];
+    uint64_t mr_mode;
+    uint64_t caps;
+    uint64_t max_msg_size;
+    uint64_t inject_size;
+    uint32_t cq_data_size;
+    uint32_t mr_key_size;
+    uint32_t addr_len;
+    int32_t data_progress;
+    int32_t threading;
+    int32_t wait_fd;           /* 1 when the worker can block on the completion queue */
+};
+
+struct afc_stats {
+    uint64_t writes_posted;
+    uint64_t bytes_posted;
+    uint64_t sends_posted;
+    uint64_t completions;
+    uint64_t errors;
+    uint64_t imms_received;
+    uint64_t msgs_received;
+    uint64_t eagain;
+    uint64_t worker_sleeps;
+    uint64_t worker_wakeups;
+    uint64_t sq_depth;
+    uint64_t ops_in_flight;
+};
+
+typedef struct afc_engine afc_engine;
+typedef struct afc_mr afc_mr;
+
+void afc_default_config(struct afc_config *cfg);
+int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_t errlen);
+void afc_stop(afc_engine *e);   /* stop the worker, close the endpoint */
+void afc_close(afc_engine *e);  /* afc_stop, then free everything */
+int afc_event_fd(afc_engine *e);
+void afc_get_info(afc_engine *e, struct afc_info *out);
+int afc_local_addr(afc_engine *e, void *buf, size_t *len);
+void afc_get_stats(afc_engine *e, struct afc_stats *out);
+
+int afc_av_insert(afc_engine *e, const void *addr, size_t len, uint64_t *fi_addr);
+int afc_av_remove(afc_engine *e, uint64_t fi_addr);
+
+int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access,
+               afc_mr **out, uint64_t *key, uint64_t *remote_base);
+void *afc_mr_desc(afc_mr *mr);
+int afc_mr_close(afc_mr *mr);
+
+/* Post (or queue) work.  0 on success, -FI_EAGAIN when the queue is full. */
+int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, void *desc,
+              uint64_t dest, uint64_t raddr, uint64_t rkey, int64_t imm);
+int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen,
+             const char *data, size_t len, uint64_t dest);
+const void *afc_recv_buf(afc_engine *e, uint32_t slot);
+int afc_recv_release(afc_engine *e, uint32_t slot);
+
+/* Drain completion records.  Successful operation ids go to ok_ids (the fast
+ * path), everything else to ev.  Returns the number of ok ids; *n_ev the
+ * number of events.  When it returns less than max_ok and *n_ev < max_ev the
+ * ring was empty and the event fd is armed again. */
+int afc_drain(afc_engine *e, uint64_t *ok_ids, int max_ok, struct afc_event *ev, int max_ev,
+              int *n_ev);
+
+int afc_random_u64(uint64_t *out);
+
+/* Python tells the worker how many tasks await inbound traffic (counters,
+ * messages): while some do, it polls longer before it sleeps. */
+void afc_expect(afc_engine *e, int delta);
+
+/* Make progress from the calling thread (posts queued work, reads the
+ * completion queue) unless the worker is doing so right now.  Returns the
+ * number of entries handled. */
+int afc_progress(afc_engine *e);

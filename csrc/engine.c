@@ -1,0 +1,500 @@
+/* Engine lifetime, addressing, memory registration and the calls Python makes
+ * to submit work and drain completions. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "afcore.h"
+
+#define AFC_MR_MODES (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_PROV_KEY | FI_MR_ALLOCATED | FI_MR_ENDPOINT)
+
+void afc_default_config(struct afc_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->msg_size = 65536;
+    cfg->recv_slots = 64;
+    cfg->send_slots = 64;
+    cfg->max_ops = 4096;
+    cfg->sq_slots = 1u << 16;
+    cfg->eq_slots = 1u << 16;
+    cfg->spin_us = 100;
+    cfg->wait_spin_us = 20000;
+    cfg->idle_ms = 10;
+    cfg->direct_post = 0;
+}
+
+int afc_random_u64(uint64_t *out)
+{
+    return getrandom(out, sizeof *out, 0) == sizeof *out ? 0 : -FI_EOTHER;
+}
+
+static int fail(char *errbuf, size_t errlen, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(errbuf, errlen, fmt, ap);
+    va_end(ap);
+    if (rc && n >= 0 && (size_t)n < errlen)
+        snprintf(errbuf + n, errlen - (size_t)n, ": %s", fi_strerror(-rc));
+    return rc ? rc : -FI_EOTHER;
+}
+
+static int is_pow2(uint32_t v) { return v && !(v & (v - 1)); }
+
+static struct fi_info *make_hints(const struct afc_config *cfg)
+{
+    struct fi_info *h = fi_allocinfo();
+    if (!h)
+        return NULL;
+    h->ep_attr->type = FI_EP_RDM;
+    h->caps = FI_MSG | FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+    h->mode = FI_CONTEXT | FI_CONTEXT2;
+    h->domain_attr->mr_mode = AFC_MR_MODES;
+    h->domain_attr->threading = FI_THREAD_DOMAIN;
+    h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
+    h->tx_attr->op_flags = 0;
+    if (cfg->provider)
+        h->fabric_attr->prov_name = strdup(cfg->provider);
+    if (cfg->domain)
+        h->domain_attr->name = strdup(cfg->domain);
+    return h;
+}
+
+static int bind_mr(afc_engine *e, struct fid_mr *mr)
+{
+    if (!(e->mr_mode & FI_MR_ENDPOINT))
+        return 0;
+    int rc = fi_mr_bind(mr, &e->ep->fid, 0);
+    return rc ? rc : fi_mr_enable(mr);
+}
+
+/* Register with a random key (unless the provider chooses), binding to the
+ * endpoint where the provider asks for it.  dom_lock held or not yet shared. */
+static int reg_locked(afc_engine *e, void *buf, size_t len, uint64_t access, struct fid_mr **out)
+{
+    int rc = -FI_ENOKEY;
+    for (int tries = 0; tries < 16 && rc == -FI_ENOKEY; tries++) {
+        uint64_t key = 0;
+        if (!(e->mr_mode & FI_MR_PROV_KEY) && afc_random_u64(&key))
+            return -FI_EOTHER;
+        rc = fi_mr_reg(e->domain, buf, len, access, 0, key & e->key_mask, 0, out, NULL);
+    }
+    if (rc)
+        return rc;
+    rc = bind_mr(e, *out);
+    if (rc)
+        fi_close(&(*out)->fid);
+    return rc;
+}
+
+static int alloc_rings(afc_engine *e)
+{
+    const struct afc_config *c = &e->cfg;
+    e->sq = calloc(c->sq_slots, sizeof *e->sq);
+    e->sq_mask = c->sq_slots - 1;
+    e->evr = calloc(c->eq_slots, sizeof *e->evr);
+    e->ev_mask = c->eq_slots - 1;
+    e->ops = calloc(c->max_ops, sizeof *e->ops);
+    e->op_free = calloc(c->max_ops, sizeof *e->op_free);
+    e->recv_ops = calloc(c->recv_slots, sizeof *e->recv_ops);
+    e->send_free = calloc(c->send_slots, sizeof *e->send_free);
+    if (posix_memalign((void **)&e->msg_mem, 4096,
+                       (size_t)(c->recv_slots + c->send_slots) * c->msg_size))
+        e->msg_mem = NULL;
+    if (!e->sq || !e->evr || !e->ops || !e->op_free || !e->recv_ops || !e->send_free || !e->msg_mem)
+        return -FI_ENOMEM;
+    for (uint32_t i = 0; i < c->max_ops; i++)
+        e->op_free[i] = c->max_ops - 1 - i;
+    e->n_op_free = c->max_ops;
+    for (uint32_t i = 0; i < c->send_slots; i++)
+        e->send_free[i] = c->send_slots - 1 - i;
+    e->n_send_free = c->send_slots;
+    return 0;
+}
+
+static int open_fds(afc_engine *e)
+{
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->wake_fd < 0 || e->ev_fd < 0 || e->epfd < 0)
+        return -errno;
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.fd = e->wake_fd;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &ev))
+        return -errno;
+    if (e->cq_fd >= 0) {
+        ev.data.fd = e->cq_fd;
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->cq_fd, &ev))
+            e->cq_fd = -1; /* fall back to timed sleeps */
+    }
+    return 0;
+}
+
+static int open_cq(afc_engine *e)
+{
+    struct fi_cq_attr attr = {.format = FI_CQ_FORMAT_DATA, .size = 0, .wait_obj = FI_WAIT_FD};
+    e->cq_fd = -1;
+    if (fi_cq_open(e->domain, &attr, &e->cq, NULL) == 0) {
+        if (fi_control(&e->cq->fid, FI_GETWAIT, &e->cq_fd) == 0 && e->cq_fd >= 0)
+            return 0;
+        fi_close(&e->cq->fid);
+        e->cq_fd = -1;
+    }
+    attr.wait_obj = FI_WAIT_NONE;
+    return fi_cq_open(e->domain, &attr, &e->cq, NULL);
+}
+
+static int open_fabric(afc_engine *e, const struct afc_config *cfg, char *errbuf, size_t errlen)
+{
+    struct fi_info *hints = make_hints(cfg);
+    if (!hints)
+        return fail(errbuf, errlen, -FI_ENOMEM, "fi_allocinfo");
+    int rc = fi_getinfo(FI_VERSION(1, 9), cfg->node, NULL, 0, hints, &e->info);
+    fi_freeinfo(hints);
+    if (rc)
+        return fail(errbuf, errlen, rc, "fi_getinfo(provider=%s, domain=%s)",
+                    cfg->provider ? cfg->provider : "any", cfg->domain ? cfg->domain : "any");
+    struct fi_info *fi = e->info;
+    e->mr_mode = fi->domain_attr->mr_mode;
+    size_t ks = fi->domain_attr->mr_key_size;
+    e->key_mask = ks >= 8 || ks == 0 ? ~0ull : (1ull << (8 * ks)) - 1;
+    if ((rc = fi_fabric(fi->fabric_attr, &e->fabric, NULL)))
+        return fail(errbuf, errlen, rc, "fi_fabric");
+    if ((rc = fi_domain(e->fabric, fi, &e->domain, NULL)))
+        return fail(errbuf, errlen, rc, "fi_domain");
+    struct fi_av_attr av_attr = {.type = FI_AV_TABLE};
+    if ((rc = fi_av_open(e->domain, &av_attr, &e->av, NULL)))
+        return fail(errbuf, errlen, rc, "fi_av_open");
+    if ((rc = open_cq(e)))
+        return fail(errbuf, errlen, rc, "fi_cq_open");
+    if ((rc = fi_endpoint(e->domain, fi, &e->ep, NULL)))
+        return fail(errbuf, errlen, rc, "fi_endpoint");
+    if ((rc = fi_ep_bind(e->ep, &e->av->fid, 0)))
+        return fail(errbuf, errlen, rc, "fi_ep_bind(av)");
+    if ((rc = fi_ep_bind(e->ep, &e->cq->fid, FI_TRANSMIT | FI_RECV)))
+        return fail(errbuf, errlen, rc, "fi_ep_bind(cq)");
+    if ((rc = fi_enable(e->ep)))
+        return fail(errbuf, errlen, rc, "fi_enable");
+    size_t msg_bytes = (size_t)(e->cfg.recv_slots + e->cfg.send_slots) * e->cfg.msg_size;
+    if ((rc = reg_locked(e, e->msg_mem, msg_bytes, FI_SEND | FI_RECV, &e->msg_mr)))
+        return fail(errbuf, errlen, rc, "fi_mr_reg(message buffers)");
+    for (uint32_t i = 0; i < e->cfg.recv_slots; i++)
+        if ((rc = afc_post_recv(e, i)))
+            return fail(errbuf, errlen, rc, "fi_recv");
+    return 0;
+}
+
+int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_t errlen)
+{
+    *out = NULL;
+    if (!is_pow2(cfg->sq_slots) || !is_pow2(cfg->eq_slots) || !cfg->max_ops || !cfg->recv_slots ||
+        !cfg->send_slots || cfg->msg_size < 64)
+        return fail(errbuf, errlen, -FI_EINVAL, "invalid engine configuration");
+    afc_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return fail(errbuf, errlen, -FI_ENOMEM, "calloc");
+    e->cfg = *cfg;
+    e->cfg.provider = e->cfg.domain = e->cfg.node = NULL; /* not owned: used only here */
+    e->wake_fd = e->ev_fd = e->epfd = e->cq_fd = -1;
+    atomic_store(&e->armed, 1);
+    pthread_mutex_init(&e->dom_lock, NULL);
+    pthread_mutex_init(&e->sq_lock, NULL);
+    int rc = alloc_rings(e);
+    if (rc)
+        rc = fail(errbuf, errlen, rc, "allocating engine queues");
+    if (!rc)
+        rc = open_fabric(e, cfg, errbuf, errlen);
+    if (!rc && (rc = open_fds(e)))
+        rc = fail(errbuf, errlen, -FI_EOTHER, "eventfd/epoll: %s", strerror(-rc));
+    if (!rc) {
+        if (pthread_create(&e->worker, NULL, afc_worker_main, e))
+            rc = fail(errbuf, errlen, -FI_EOTHER, "pthread_create");
+        else
+            e->worker_started = 1;
+    }
+    if (rc) {
+        afc_close(e);
+        return rc;
+    }
+    *out = e;
+    return 0;
+}
+
+static void close_fid(struct fid *f)
+{
+    if (f)
+        fi_close(f);
+}
+
+void afc_stop(afc_engine *e)
+{
+    atomic_store(&e->stop, 1);
+    if (e->worker_started) {
+        uint64_t one = 1;
+        ssize_t r = write(e->wake_fd, &one, sizeof one);
+        (void)r;
+        pthread_join(e->worker, NULL);
+        e->worker_started = 0;
+    }
+    if (e->ep) {
+        fi_close(&e->ep->fid);
+        e->ep = NULL;
+    }
+}
+
+void afc_close(afc_engine *e)
+{
+    if (!e)
+        return;
+    afc_stop(e);
+    close_fid(e->msg_mr ? &e->msg_mr->fid : NULL);
+    close_fid(e->av ? &e->av->fid : NULL);
+    close_fid(e->cq ? &e->cq->fid : NULL);
+    close_fid(e->domain ? &e->domain->fid : NULL);
+    close_fid(e->fabric ? &e->fabric->fid : NULL);
+    if (e->info)
+        fi_freeinfo(e->info);
+    if (e->wake_fd >= 0)
+        close(e->wake_fd);
+    if (e->ev_fd >= 0)
+        close(e->ev_fd);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    free(e->sq);
+    free(e->evr);
+    free(e->ops);
+    free(e->op_free);
+    free(e->recv_ops);
+    free(e->send_free);
+    free(e->msg_mem);
+    pthread_mutex_destroy(&e->dom_lock);
+    pthread_mutex_destroy(&e->sq_lock);
+    free(e);
+}
+
+int afc_event_fd(afc_engine *e) { return e->ev_fd; }
+
+void afc_expect(afc_engine *e, int delta)
+{
+    if (atomic_fetch_add(&e->expecting, delta) + delta > 0 && delta > 0)
+        afc_wake_worker(e);
+}
+
+static void copy_str(char *dst, size_t n, const char *src)
+{
+    snprintf(dst, n, "%s", src ? src : "");
+}
+
+void afc_get_info(afc_engine *e, struct afc_info *o)
+{
+    struct fi_info *fi = e->info;
+    memset(o, 0, sizeof *o);
+    copy_str(o->provider, sizeof o->provider, fi->fabric_attr->prov_name);
+    copy_str(o->fabric, sizeof o->fabric, fi->fabric_attr->name);
+    copy_str(o->domain, sizeof o->domain, fi->domain_attr->name);
+    o->mr_mode = fi->domain_attr->mr_mode;
+    o->caps = fi->caps;
+    o->max_msg_size = fi->ep_attr->max_msg_size;
+    o->inject_size = fi->tx_attr->inject_size;
+    o->cq_data_size = (uint32_t)fi->domain_attr->cq_data_size;
+    o->mr_key_size = (uint32_t)fi->domain_attr->mr_key_size;
+    o->data_progress = fi->domain_attr->data_progress;
+    o->threading = fi->domain_attr->threading;
+    o->wait_fd = e->cq_fd >= 0;
+    size_t len = 0;
+    fi_getname(&e->ep->fid, NULL, &len);
+    o->addr_len = (uint32_t)len;
+}
+
+int afc_local_addr(afc_engine *e, void *buf, size_t *len)
+{
+    return fi_getname(&e->ep->fid, buf, len);
+}
+
+void afc_get_stats(afc_engine *e, struct afc_stats *o)
+{
+#define S(f) o->f = atomic_load_explicit(&e->st.f, memory_order_relaxed)
+    S(writes_posted);
+    S(bytes_posted);
+    S(sends_posted);
+    S(completions);
+    S(errors);
+    S(imms_received);
+    S(msgs_received);
+    S(eagain);
+    S(worker_sleeps);
+    S(worker_wakeups);
+#undef S
+    o->sq_depth = atomic_load(&e->sq_tail) - atomic_load(&e->sq_head);
+    pthread_mutex_lock(&e->dom_lock);
+    o->ops_in_flight = e->cfg.max_ops - e->n_op_free;
+    pthread_mutex_unlock(&e->dom_lock);
+}
+
+int afc_av_insert(afc_engine *e, const void *addr, size_t len, uint64_t *fi_addr)
+{
+    if (len == 0 || len > AFC_ADDR_MAX)
+        return -FI_EINVAL;
+    fi_addr_t a = FI_ADDR_NOTAVAIL;
+    pthread_mutex_lock(&e->dom_lock);
+    int rc = fi_av_insert(e->av, addr, 1, &a, 0, NULL);
+    pthread_mutex_unlock(&e->dom_lock);
+    if (rc != 1)
+        return rc < 0 ? rc : -FI_EADDRNOTAVAIL;
+    *fi_addr = a;
+    return 0;
+}
+
+int afc_av_remove(afc_engine *e, uint64_t fi_addr)
+{
+    fi_addr_t a = fi_addr;
+    pthread_mutex_lock(&e->dom_lock);
+    int rc = fi_av_remove(e->av, &a, 1, 0);
+    pthread_mutex_unlock(&e->dom_lock);
+    return rc;
+}
+
+int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **out, uint64_t *key,
+               uint64_t *remote_base)
+{
+    afc_mr *m = calloc(1, sizeof *m);
+    if (!m)
+        return -FI_ENOMEM;
+    pthread_mutex_lock(&e->dom_lock);
+    int rc = reg_locked(e, buf, len, access, &m->mr);
+    pthread_mutex_unlock(&e->dom_lock);
+    if (rc) {
+        free(m);
+        return rc;
+    }
+    m->engine = e;
+    *key = fi_mr_key(m->mr);
+    *remote_base = (e->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)buf : 0;
+    *out = m;
+    return 0;
+}
+
+void *afc_mr_desc(afc_mr *m) { return fi_mr_desc(m->mr); }
+
+int afc_mr_close(afc_mr *m)
+{
+    pthread_mutex_lock(&m->engine->dom_lock);
+    int rc = fi_close(&m->mr->fid);
+    pthread_mutex_unlock(&m->engine->dom_lock);
+    free(m);
+    return rc;
+}
+
+/* Queue a submission (or post it from this thread in direct mode). */
+static int submit(afc_engine *e, const struct afc_sqe *s)
+{
+    if (atomic_load_explicit(&e->stop, memory_order_relaxed))
+        return -FI_ESHUTDOWN;
+    if (e->cfg.direct_post && afc_sq_empty(e)) {
+        pthread_mutex_lock(&e->dom_lock);
+        int rc = afc_post_sqe(e, s);
+        pthread_mutex_unlock(&e->dom_lock);
+        if (rc != -FI_EAGAIN) {
+            afc_wake_worker(e);
+            return rc;
+        }
+    }
+    pthread_mutex_lock(&e->sq_lock);
+    uint64_t tail = atomic_load_explicit(&e->sq_tail, memory_order_relaxed);
+    if (tail - atomic_load_explicit(&e->sq_head, memory_order_acquire) > e->sq_mask) {
+        pthread_mutex_unlock(&e->sq_lock);
+        return -FI_EAGAIN;
+    }
+    e->sq[tail & e->sq_mask] = *s;
+    atomic_store_explicit(&e->sq_tail, tail + 1, memory_order_release);
+    pthread_mutex_unlock(&e->sq_lock);
+    afc_wake_worker(e);
+    return 0;
+}
+
+int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, void *desc, uint64_t dest,
+              uint64_t raddr, uint64_t rkey, int64_t imm)
+{
+    struct afc_sqe s = {.kind = AFC_OP_WRITE, .id = id, .src = (const void *)(uintptr_t)src, .len = len, .desc = desc,
+                        .dest = dest, .raddr = raddr, .rkey = rkey, .imm = imm};
+    return submit(e, &s);
+}
+
+int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen, const char *data, size_t len,
+             uint64_t dest)
+{
+    if (hlen + len > e->cfg.msg_size)
+        return -FI_EMSGSIZE;
+    pthread_mutex_lock(&e->sq_lock);
+    if (!e->n_send_free) {
+        pthread_mutex_unlock(&e->sq_lock);
+        return -FI_EAGAIN;
+    }
+    uint32_t slot = e->send_free[--e->n_send_free];
+    pthread_mutex_unlock(&e->sq_lock);
+    char *buf = afc_send_buf(e, slot);
+    memcpy(buf, hdr, hlen);
+    memcpy(buf + hlen, data, len);
+    struct afc_sqe s = {.kind = AFC_OP_SEND, .id = id, .slot = slot, .len = hlen + len, .dest = dest,
+                        .imm = -1};
+    int rc = submit(e, &s);
+    if (rc) {
+        pthread_mutex_lock(&e->sq_lock);
+        e->send_free[e->n_send_free++] = slot;
+        pthread_mutex_unlock(&e->sq_lock);
+    }
+    return rc;
+}
+
+const void *afc_recv_buf(afc_engine *e, uint32_t slot)
+{
+    return slot < e->cfg.recv_slots ? e->msg_mem + (size_t)slot * e->cfg.msg_size : NULL;
+}
+
+int afc_recv_release(afc_engine *e, uint32_t slot)
+{
+    if (slot >= e->cfg.recv_slots)
+        return -FI_EINVAL;
+    struct afc_sqe s = {.kind = AFC_OP_REPOST, .slot = slot, .imm = -1};
+    return submit(e, &s);
+}
+
+int afc_drain(afc_engine *e, uint64_t *ok_ids, int max_ok, struct afc_event *ev, int max_ev, int *n_ev)
+{
+    int n_ok = 0, ne = 0;
+    uint64_t v;
+    ssize_t r = read(e->ev_fd, &v, sizeof v);
+    (void)r;
+    for (;;) {
+        uint64_t head = atomic_load_explicit(&e->ev_head, memory_order_relaxed);
+        uint64_t tail = atomic_load_explicit(&e->ev_tail, memory_order_acquire);
+        while (head != tail && n_ok < max_ok && ne < max_ev) {
+            struct afc_event *x = &e->evr[head & e->ev_mask];
+            if (x->kind == AFC_EV_DONE) {
+                ok_ids[n_ok++] = x->id;
+            } else if (x->kind == AFC_EV_IMM && ne && ev[ne - 1].kind == AFC_EV_IMM &&
+                       ev[ne - 1].data == x->data) {
+                ev[ne - 1].aux += x->aux;
+            } else {
+                ev[ne++] = *x;
+            }
+            head++;
+        }
+        atomic_store_explicit(&e->ev_head, head, memory_order_release);
+        if (head != tail || n_ok == max_ok || ne == max_ev)
+            break; /* caller's buffers are full: it calls again */
+        atomic_store(&e->armed, 1);
+        if (atomic_load(&e->ev_tail) == head || !atomic_exchange(&e->armed, 0))
+            break;
+    }
+    *n_ev = ne;
+    return n_ok;
+}
