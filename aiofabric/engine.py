@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any
@@ -123,7 +122,9 @@ class TransferEngine:
         self._messages: deque[Message] = deque()
         self._recv_waiters: deque[asyncio.Future[Message]] = deque()
         self._send_backlog: deque[tuple[int, bytes, int]] = deque()
-        self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        # Strong references: a registered buffer must outlive its registration
+        # even if the caller drops the region object without closing it.
+        self._regions: set[MemoryRegion] = set()
         self._remote_errors = 0
         self._expecting = 0
         self._polling = False
@@ -172,12 +173,12 @@ class TransferEngine:
         try:
             cdata = ffi.from_buffer(buf, require_writable=True)
             readonly = False
-        except TypeError:
+        except (TypeError, BufferError, ValueError):
             try:
                 cdata = ffi.from_buffer(buf)
-            except TypeError:
+            except (TypeError, BufferError, ValueError):
                 raise TypeError(
-                    f"register() needs a contiguous buffer-protocol object, not {type(buf).__name__}"
+                    f"register() needs a C-contiguous buffer-protocol object, not {type(buf).__name__}"
                 ) from None
             readonly = True
         nbytes = len(cdata)

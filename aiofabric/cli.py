@@ -1,0 +1,184 @@
+"""The ``aiofabric`` command: ``aiofabric info`` shows which libfabric providers
+and NICs this machine offers (and which one :func:`aiofabric.open_engine`
+picks); ``aiofabric version`` prints the versions.
+
+Exit status: 0 on success, 1 when the named provider is not available, 2 for
+usage errors.  :func:`main` returns the status instead of exiting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "net_devices", "rdma_devices"]
+
+SYSFS = Path("/sys/class")
+_PCI_ADDR = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_WIDTH = 100
+
+
+def _read(path: Path) -> str | None:
+    """Stripped contents of a sysfs file, or None if it cannot be read."""
+    try:
+        return path.read_text().strip()
+    except (OSError, ValueError):  # missing, EINVAL (speed of a virtual link), ...
+        return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    """A sysfs number; None when absent or negative (the kernel's "unknown")."""
+    try:
+        value = int(text) if text is not None else -1
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _device_location(dev: Path) -> tuple[int | None, str | None]:
+    """(NUMA node, PCI address) of the ``device`` link of a sysfs entry."""
+    if not dev.exists():
+        return None, None
+    real = dev.resolve()
+    numa = _int_or_none(_read(dev / "numa_node"))
+    pci = next((p for p in [real, *real.parents] if _PCI_ADDR.match(p.name)), None)
+    if numa is None and pci is not None:
+        numa = _int_or_none(_read(pci / "numa_node"))
+    return numa, pci.name if pci is not None else None
+
+
+def net_devices(root: Path = SYSFS) -> list[dict[str, Any]]:
+    """Network interfaces the OS knows (``/sys/class/net``)."""
+    out = []
+    base = root / "net"
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        numa, pci = _device_location(entry / "device")
+        out.append({"name": entry.name, "operstate": _read(entry / "operstate"),
+                    "speed_mbps": _int_or_none(_read(entry / "speed")), "numa_node": numa, "pci": pci})
+    return out
+
+
+def rdma_devices(root: Path = SYSFS) -> list[dict[str, Any]]:
+    """RDMA devices (``/sys/class/infiniband``); empty when there are none."""
+    out = []
+    base = root / "infiniband"
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        numa, pci = _device_location(entry / "device")
+        ports = entry / "ports"
+        states = {p.name: _read(p / "state") for p in sorted(ports.iterdir())} if ports.is_dir() else {}
+        out.append({"name": entry.name, "numa_node": numa, "pci": pci, "ports": states})
+    return out
+
+
+def _gather(provider: str | None) -> dict[str, Any]:
+    """Everything ``info`` reports, as one JSON-able document."""
+    from . import __version__, fabric_version
+    from .providers import default_provider, list_providers
+
+    everything = list_providers()
+    default = default_provider(everything)
+    shown = list_providers(provider) if provider else everything
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in shown:
+        groups.setdefault(p.provider, []).append({
+            "domain": p.domain, "fabric": p.fabric, "rma": p.rma, "cq_data_size": p.cq_data_size,
+            "mr_mode": list(p.mr_mode), "data_progress": p.data_progress, "threading": p.threading,
+            "inject_size": p.inject_size, "max_msg_size": p.max_msg_size, "hmem": p.hmem})
+    return {
+        "aiofabric_version": __version__,
+        "libfabric_version": fabric_version(),
+        "default_provider": default,
+        "default_provider_source": "AIOFABRIC_PROVIDER" if os.environ.get("AIOFABRIC_PROVIDER") else "preference",
+        "default_provider_available": default is not None and any(p.provider == default for p in everything),
+        "providers": groups,
+        "net_devices": net_devices(),
+        "rdma_devices": rdma_devices(),
+    }
+
+
+def _table(header: Sequence[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Left-aligned columns; the last column wraps to keep lines within 100 characters."""
+    cols = [list(header), *rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header) - 1)]
+    lead = len(indent) + sum(w + 2 for w in widths)
+    lines = []
+    for r in cols:
+        head = indent + "".join(c.ljust(w + 2) for c, w in zip(r, widths))
+        tail = textwrap.wrap(r[-1].replace(",", ", "), max(_WIDTH - lead, 12)) or [""]
+        lines.append((head + tail[0]).rstrip())
+        lines.extend((" " * lead + t).rstrip() for t in tail[1:])
+    return lines
+
+
+def _text(doc: dict[str, Any]) -> str:
+    """The human-readable form of the ``info`` document."""
+    d = doc["default_provider"]
+    note = "" if doc["default_provider_available"] else " (NOT available here)"
+    source = f"  [from {doc['default_provider_source']}]" if d else ""
+    lines = [f"aiofabric {doc['aiofabric_version']}, libfabric {doc['libfabric_version']}",
+             f"open_engine() default provider: {d or 'none'}{note}{source}"]
+    yn = {True: "yes", False: "no"}
+    for name, domains in doc["providers"].items():
+        lines += ["", f"provider {name}" + ("  (default)" if name == d else "")]
+        rows = [[x["domain"], x["fabric"], yn[x["rma"]], str(x["cq_data_size"]), x["data_progress"],
+                 x["threading"], str(x["inject_size"]), yn[x["hmem"]], ",".join(x["mr_mode"]) or "-"]
+                for x in domains]
+        lines += _table(["DOMAIN", "FABRIC", "RMA", "IMM(B)", "PROGRESS", "THREADING", "INJECT(B)", "HMEM",
+                         "MR_MODE"], rows)
+    lines += ["", "network interfaces (/sys/class/net)"]
+    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
+    lines += _table(["NAME", "STATE", "SPEED(Mb/s)", "NUMA", "PCI"],
+                    [[n["name"], dash(n["operstate"]), dash(n["speed_mbps"]), dash(n["numa_node"]),
+                      dash(n["pci"])] for n in doc["net_devices"]])
+    if doc["rdma_devices"]:
+        lines += ["", "RDMA devices (/sys/class/infiniband)"]
+        lines += _table(["NAME", "NUMA", "PCI", "PORTS"],
+                        [[r["name"], dash(r["numa_node"]), dash(r["pci"]),
+                          ",".join(f"{k}:{v}" for k, v in r["ports"].items()) or "-"] for r in doc["rdma_devices"]])
+    else:
+        lines += ["", "RDMA devices (/sys/class/infiniband): none"]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aiofabric", description="Inspect aiofabric and libfabric on this machine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="list libfabric providers, NICs and the default provider")
+    info.add_argument("--provider", metavar="NAME", help="only providers libfabric matches to NAME (e.g. shm, tcp, 'tcp;ofi_rxm')")
+    info.add_argument("--json", action="store_true", help="print one JSON document")
+    sub.add_parser("version", help="print the aiofabric and libfabric versions")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "info" and args.provider is not None and not args.provider.strip():
+            parser.error("--provider needs a non-empty provider name")
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "version":
+        from . import __version__, fabric_version
+        print(f"aiofabric {__version__} (libfabric {fabric_version()})")
+        return 0
+    doc = _gather(args.provider)
+    if args.provider and not doc["providers"]:
+        print(f"aiofabric: provider {args.provider!r} is not available on this machine "
+              "(run `aiofabric info` to list the available ones)", file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps(doc, indent=2) if args.json else _text(doc), flush=True)
+    except BrokenPipeError:  # `aiofabric info | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
