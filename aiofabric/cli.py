@@ -115,10 +115,15 @@ def _table(header: Sequence[str], rows: list[list[str]], indent: str = "  ") -> 
     return lines
 
 
+def _dash(value: object) -> str:
+    """A table cell: "-" for unknown."""
+    return "-" if value is None else str(value)
+
+
 def _text(doc: dict[str, Any]) -> str:
     """The human-readable form of the ``info`` document."""
     d = doc["default_provider"]
-    note = "" if doc["default_provider_available"] else " (NOT available here)"
+    note = "" if doc["default_provider_available"] or not d else " (NOT available here)"
     source = f"  [from {doc['default_provider_source']}]" if d else ""
     lines = [f"aiofabric {doc['aiofabric_version']}, libfabric {doc['libfabric_version']}",
              f"open_engine() default provider: {d or 'none'}{note}{source}"]
@@ -131,15 +136,15 @@ def _text(doc: dict[str, Any]) -> str:
         lines += _table(["DOMAIN", "FABRIC", "RMA", "IMM(B)", "PROGRESS", "THREADING", "INJECT(B)", "HMEM",
                          "MR_MODE"], rows)
     lines += ["", "network interfaces (/sys/class/net)"]
-    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     lines += _table(["NAME", "STATE", "SPEED(Mb/s)", "NUMA", "PCI"],
-                    [[n["name"], dash(n["operstate"]), dash(n["speed_mbps"]), dash(n["numa_node"]),
-                      dash(n["pci"])] for n in doc["net_devices"]])
+                    [[n["name"], _dash(n["operstate"]), _dash(n["speed_mbps"]), _dash(n["numa_node"]),
+                      _dash(n["pci"])] for n in doc["net_devices"]])
     if doc["rdma_devices"]:
         lines += ["", "RDMA devices (/sys/class/infiniband)"]
         lines += _table(["NAME", "NUMA", "PCI", "PORTS"],
-                        [[r["name"], dash(r["numa_node"]), dash(r["pci"]),
-                          ",".join(f"{k}:{v}" for k, v in r["ports"].items()) or "-"] for r in doc["rdma_devices"]])
+                        [[r["name"], _dash(r["numa_node"]), _dash(r["pci"]),
+                          ",".join(f"{k}:{(v or '?').split(': ')[-1]}" for k, v in r["ports"].items()) or "-"]
+                         for r in doc["rdma_devices"]])
     else:
         lines += ["", "RDMA devices (/sys/class/infiniband): none"]
     return "\n".join(lines)

@@ -58,7 +58,7 @@ class ImmCounter:
         _check_n(n)
         if self._closed is not None:
             raise self._closed
-        if not self._waiters and self._available >= n:
+        if n == 0 or (not self._waiters and self._available >= n):  # 0 takes nothing from anyone
             self._available -= n
             return True
         return False
@@ -78,7 +78,7 @@ class ImmCounter:
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._available += n  # granted, then cancelled: give it back
                 self._serve()
             else:

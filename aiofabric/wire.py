@@ -107,7 +107,7 @@ def _list(v: Any, n: int | None, what: str) -> list:
 def _header(obj: Any, tag: str, n: int, what: str) -> list:
     if type(obj) is not list or len(obj) < 2 or obj[0] != tag:
         raise ProtocolError(f"{what}: not an aiofabric {what}")
-    if obj[1] != WIRE_VERSION:
+    if type(obj[1]) is not int or obj[1] != WIRE_VERSION:  # True and 1.0 equal 1 but are not versions
         raise ProtocolError(f"{what}: unsupported version {obj[1]!r:.20} (this side speaks {WIRE_VERSION})")
     return _list(obj, n, what)
 

@@ -96,27 +96,31 @@ async def test_engine_open_close_many_times(provider):
             e.register(bytearray(4096))
 
 
-async def test_write_into_closed_remote_region_corrupts_nothing(pair):
-    """The target deregistered the region: its key is dead.  RDMA NICs (verbs,
-    efa) fail such a write with RemoteAccessError; libfabric 1.17's shm and
-    tcp drop it silently (measured, see docs/concepts.md).  Either way no byte
-    lands and no immediate is counted."""
-    a, b = pair
-    dst = bytearray(8192)
-    rb = b.register(dst)
-    d = rb.descriptor()
-    rb.close()
-    ra = a.register(bytearray(b"\xee" * 8192))
-    try:
-        await bounded(a.write(ra, d, imm=21))
-    except af.FabricError as exc:  # the provider reported it
-        assert isinstance(exc, (af.RemoteAccessError, af.BrokenResourceError, af.CompletionError))
-    # A later, valid write and its immediate prove the target progressed past it.
-    live = bytearray(16)
-    if a.provider == "tcp;ofi_rxm" and a.statistics().errors:
-        return  # the provider dropped the connection: that is issue territory of peer failure
-    await bounded(a.write(ra[0:16], b.register(live).descriptor(), imm=22))
-    await bounded(b.imm_counter(22).wait(1))
-    await asyncio.sleep(0.05)
-    assert dst == bytes(8192)
-    assert b.imm_counter(21).total == 0
+@pytest.fixture
+def closed_region_gap(provider, request):
+    # Measured with libfabric 1.17: shm and rxd never complete a write to a
+    # revoked key (TimeoutError here); tcp completes it silently, dropping the
+    # bytes (DID NOT RAISE).  The per-operation deadline of the peer-failure
+    # work turns the first into an error; the second needs a target-side check.
+    request.applymarker(pytest.mark.xfail(
+        strict=True, raises=(TimeoutError, pytest.fail.Exception),
+        reason=f"libfabric 1.17 {provider} does not report writes to a revoked key"))
+
+
+async def test_write_into_closed_remote_region_fails_and_corrupts_nothing(closed_region_gap, provider):
+    """The target deregistered the region, so its key is dead: the write must
+    fail with a named error (verbs/efa: RemoteAccessError; tcp drops the
+    connection: BrokenResourceError) and no byte may land."""
+    async with af.open_engine(provider) as a, af.open_engine(provider) as b:
+        dst = bytearray(8192)
+        rb = b.register(dst)
+        d = rb.descriptor()
+        rb.close()
+        ra = a.register(bytearray(b"\xee" * 8192))
+        try:
+            with pytest.raises(af.FabricError):
+                await bounded(a.write(ra, d, imm=21), 10)
+        finally:
+            await asyncio.sleep(0.05)
+            assert dst == bytes(8192), "a write through a revoked key landed"
+            assert b.imm_counter(21).total == 0
