@@ -102,16 +102,19 @@ def _gather(provider: str | None) -> dict[str, Any]:
 
 
 def _table(header: Sequence[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """Left-aligned columns; the last column wraps to keep lines within 100 characters."""
+    """Left-aligned columns within 100 characters.  When the last column does
+    not fit, it goes on wrapped lines of its own under each row."""
     cols = [list(header), *rows]
     widths = [max(len(r[i]) for r in cols) for i in range(len(header) - 1)]
     lead = len(indent) + sum(w + 2 for w in widths)
+    inline = max(len(r[-1]) for r in cols) <= _WIDTH - lead
     lines = []
-    for r in cols:
+    for i, r in enumerate(cols):
         head = indent + "".join(c.ljust(w + 2) for c, w in zip(r, widths))
-        tail = textwrap.wrap(r[-1].replace(",", ", "), max(_WIDTH - lead, 12)) or [""]
-        lines.append((head + tail[0]).rstrip())
-        lines.extend((" " * lead + t).rstrip() for t in tail[1:])
+        lines.append((head + (r[-1] if inline else "")).rstrip())
+        if not inline and i:
+            lines += textwrap.wrap(f"{header[-1].lower()}: {r[-1].replace(',', ', ')}", _WIDTH,
+                                   initial_indent=indent * 2, subsequent_indent=indent * 4)
     return lines
 
 

@@ -244,6 +244,8 @@ void afc_stop(afc_engine *e)
         pthread_join(e->worker, NULL);
         e->worker_started = 0;
     }
+    if (e->ep && e->cq)
+        afc_quiesce(e, 500); /* some providers crash closing an endpoint with work in flight */
     if (e->ep) {
         fi_close(&e->ep->fid);
         e->ep = NULL;

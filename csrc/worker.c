@@ -285,6 +285,17 @@ int afc_progress(afc_engine *e)
     return n;
 }
 
+void afc_quiesce(afc_engine *e, int ms)
+{
+    uint64_t deadline = now_ns() + (uint64_t)ms * 1000000ull;
+    pthread_mutex_lock(&e->dom_lock);
+    while (e->n_op_free < e->cfg.max_ops && now_ns() < deadline) {
+        if (!poll_cq(e))
+            sched_yield();
+    }
+    pthread_mutex_unlock(&e->dom_lock);
+}
+
 void *afc_worker_main(void *arg)
 {
     afc_engine *e = arg;
