@@ -45,14 +45,14 @@ def check(rc: int, what: str) -> int:
         return rc
     err = -rc
     text = f"{what}: {strerror(err)}"
+    if what.startswith("register"):
+        if err in (_errno.ENOMEM, _errno.EPERM, _errno.EAGAIN):
+            text += "; " + MEMLOCK_HINT
+        raise RegistrationError(text)
     if err == lib.FI_EAGAIN:
         raise BusyResourceError(text)
     if err == lib.FI_ESHUTDOWN:
         raise ClosedResourceError(text)
     if err in (lib.FI_ENODATA, lib.FI_ENOSYS):
         raise UnavailableError(text)
-    if what.startswith("register"):
-        if err in (_errno.ENOMEM, _errno.EPERM, _errno.EAGAIN):
-            text += "; " + MEMLOCK_HINT
-        raise RegistrationError(text)
     raise FabricError(text)

@@ -48,6 +48,8 @@ class EngineConfig:
         polls the completion ring (between its other callbacks) for this long
         after the last completion before it relies on the eventfd alone; trades
         CPU for latency (0: off).
+    close_timeout: seconds ``aclose()`` lets operations in flight finish
+        before it fails them.
     """
 
     msg_size: int = 65536
@@ -61,6 +63,7 @@ class EngineConfig:
     idle_ms: int = 10
     direct_post: bool = False
     loop_spin_us: int = 0
+    close_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ class TransferEngine:
         self._doorbell_ptr = int(ffi.cast("uintptr_t", db_cdata))
         self._doorbell_cdata = db_cdata
         self.address = Address(
-            wire.AddressBody(self.provider, incarnation[0], (wire.NicAddress(self._nic_name, db_base, db_key),))
+            wire.AddressBody(self.provider, incarnation[0], (wire.NicAddress(self._nic_name, db_base, db_key),),
+                             config.msg_size)
         )
         self._msg_header = wire.encode_msg_header(self.address.to_bytes())
         self.max_message_size = config.msg_size - len(self._msg_header)
@@ -300,9 +304,11 @@ class TransferEngine:
         if type(peer) is not Address:
             raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
         data = bytes(memoryview(data))
-        if len(data) > self.max_message_size:
+        limit = min(self.max_message_size, peer._body.max_frame - len(self._msg_header))
+        if len(data) > limit:
             raise ValueError(
-                f"message of {len(data)} bytes exceeds max_message_size={self.max_message_size}; "
+                f"message of {len(data)} bytes exceeds the limit of {limit} (max_message_size here "
+                f"{self.max_message_size}, the peer receives frames of up to {peer._body.max_frame}); "
                 "write large payloads into a registered region instead"
             )
         dest = self._fi_addr(peer)
@@ -475,12 +481,26 @@ class TransferEngine:
         )
 
     async def aclose(self) -> None:
-        """Close: fail every pending future, counter wait and recv with
-        ClosedResourceError, deregister every region, release the provider's
-        resources.  Idempotent."""
+        """Close: refuse new work, let operations in flight finish for up to
+        ``config.close_timeout`` seconds, then fail whatever is still pending
+        (futures, counter waits, recv) with ClosedResourceError, deregister
+        every region and release the provider's resources.  Idempotent;
+        cancelling it skips the graceful wait, not the release."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # no new work from here on
+        try:
+            # Graceful part: let operations in flight finish normally (their
+            # futures succeed), bounded by close_timeout.  Some providers
+            # (libfabric 1.17 shm) crash a peer when an endpoint closes under
+            # work in flight, so this is not merely cosmetic.
+            deadline = self._loop.time() + self.config.close_timeout
+            while self._pending and self._loop.time() < deadline:
+                await asyncio.sleep(0.001)
+        finally:
+            self._hard_close()
+
+    def _hard_close(self) -> None:
         self._loop.remove_reader(self._fd)
         lib.afc_stop(self._h)  # joins the worker: nothing touches buffers after this
         exc = ClosedResourceError("engine closed with the operation in flight")

@@ -3,7 +3,7 @@ header.  No libfabric here, so it is tested (and fuzzed) on its own.
 
 Every encoding is msgpack, tagged and versioned::
 
-    address    ["af.addr", 1, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...]]
+    address    ["af.addr", 1, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...], max_frame]
     descriptor ["af.region", 1, <address body>, addr, nbytes, [key, ...]]
 
 Decoding never trusts its input: sizes are capped before and during
@@ -40,6 +40,7 @@ WIRE_VERSION = 1
 MAX_NICS = 4
 MAX_NIC_NAME = 256
 MAX_PROVIDER = 64
+MIN_FRAME = 1024
 MAX_ADDRESS_BYTES = 2048
 MAX_DESCRIPTOR_BYTES = 4096
 U32 = (1 << 32) - 1
@@ -63,6 +64,7 @@ class AddressBody(NamedTuple):
     provider: str
     incarnation: int
     nics: tuple[NicAddress, ...]
+    max_frame: int = 65536  #: largest message frame this engine receives
 
 
 class DescriptorBody(NamedTuple):
@@ -113,10 +115,10 @@ def _header(obj: Any, tag: str, n: int, what: str) -> list:
 
 
 def _address_fields(a: AddressBody) -> list:
-    return [a.provider, a.incarnation, [[n.name, n.doorbell_addr, n.doorbell_key] for n in a.nics]]
+    return [a.provider, a.incarnation, [[n.name, n.doorbell_addr, n.doorbell_key] for n in a.nics], a.max_frame]
 
 
-def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, what: str) -> AddressBody:
+def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, max_frame: Any, what: str) -> AddressBody:
     if type(provider) is not str or not provider:
         raise ProtocolError(f"{what}: provider must be a non-empty string")
     inc = _int(incarnation, U64, f"{what}: incarnation")
@@ -129,7 +131,10 @@ def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, what: str)
         if type(name) is not bytes or not name:
             raise ProtocolError(f"{what}: nic {i} name must be non-empty bytes")
         out.append(NicAddress(name, _int(db_addr, U64, f"{what}: doorbell"), _int(db_key, U64, f"{what}: key")))
-    return AddressBody(provider, inc, tuple(out))
+    frame = _int(max_frame, U32, f"{what}: max_frame")
+    if frame < MIN_FRAME:
+        raise ProtocolError(f"{what}: max_frame {frame} is below {MIN_FRAME}")
+    return AddressBody(provider, inc, tuple(out), frame)
 
 
 def encode_address(a: AddressBody) -> bytes:
@@ -137,8 +142,8 @@ def encode_address(a: AddressBody) -> bytes:
 
 
 def decode_address(blob: Any) -> AddressBody:
-    obj = _header(_unpack(blob, MAX_ADDRESS_BYTES, "address"), _ADDR_TAG, 5, "address")
-    return _parse_address_fields(obj[2], obj[3], obj[4], "address")
+    obj = _header(_unpack(blob, MAX_ADDRESS_BYTES, "address"), _ADDR_TAG, 6, "address")
+    return _parse_address_fields(obj[2], obj[3], obj[4], obj[5], "address")
 
 
 def encode_descriptor(d: DescriptorBody) -> bytes:
@@ -150,7 +155,7 @@ def encode_descriptor(d: DescriptorBody) -> bytes:
 
 def decode_descriptor(blob: Any) -> DescriptorBody:
     obj = _header(_unpack(blob, MAX_DESCRIPTOR_BYTES, "descriptor"), _DESC_TAG, 6, "descriptor")
-    owner = _parse_address_fields(*_list(obj[2], 3, "descriptor: owner"), "descriptor: owner")
+    owner = _parse_address_fields(*_list(obj[2], 4, "descriptor: owner"), "descriptor: owner")
     addr = _int(obj[3], U64, "descriptor: addr")
     nbytes = _int(obj[4], U64, "descriptor: nbytes")
     if addr + nbytes > U64 + 1:

@@ -163,6 +163,19 @@ static int open_fabric(afc_engine *e, const struct afc_config *cfg, char *errbuf
         return fail(errbuf, errlen, rc, "fi_getinfo(provider=%s, domain=%s)",
                     cfg->provider ? cfg->provider : "any", cfg->domain ? cfg->domain : "any");
     struct fi_info *fi = e->info;
+    if (cfg->domain) {
+        /* Not every provider filters on the domain name hint: pick it here. */
+        while (fi && !(fi->domain_attr->name && strcmp(fi->domain_attr->name, cfg->domain) == 0))
+            fi = fi->next;
+        if (!fi)
+            return fail(errbuf, errlen, -FI_ENODATA, "provider %s has no NIC (domain) named %s",
+                        cfg->provider ? cfg->provider : "any", cfg->domain);
+        struct fi_info *chosen = fi_dupinfo(fi);
+        fi_freeinfo(e->info);
+        e->info = fi = chosen;
+        if (!fi)
+            return fail(errbuf, errlen, -FI_ENOMEM, "fi_dupinfo");
+    }
     e->mr_mode = fi->domain_attr->mr_mode;
     size_t ks = fi->domain_attr->mr_key_size;
     e->key_mask = ks >= 8 || ks == 0 ? ~0ull : (1ull << (8 * ks)) - 1;
@@ -245,7 +258,7 @@ void afc_stop(afc_engine *e)
         e->worker_started = 0;
     }
     if (e->ep && e->cq)
-        afc_quiesce(e, 500); /* some providers crash closing an endpoint with work in flight */
+        afc_quiesce(e, 200); /* some providers crash closing an endpoint with work in flight */
     if (e->ep) {
         fi_close(&e->ep->fid);
         e->ep = NULL;

@@ -332,7 +332,7 @@ void *afc_worker_main(void *arg)
             last_active = now_ns();
             sleep_us = 50;
         } else if (e->cq_fd < 0 && sleep_us < 1000) {
-            sleep_us *= 2;
+            sleep_us = sleep_us * 2 > 1000 ? 1000 : sleep_us * 2;
         }
     }
     return NULL;

@@ -165,3 +165,20 @@ async def test_open_engine_bad_arguments():
         af.open_engine("shm", nics=["a", "b"])
     with pytest.raises(TypeError):
         af.open_engine("shm", nics="lo")
+
+
+async def test_nics_selects_the_domain():
+    async with af.open_engine("tcp;ofi_rxm", nics=["lo"]) as e:
+        assert e.domain == "lo"
+    with pytest.raises(af.UnavailableError, match="no-such-nic"):
+        await af.open_engine("tcp;ofi_rxm", nics=["no-such-nic"])
+
+
+async def test_message_larger_than_the_peer_receives(provider, loop_errors):
+    async with af.open_engine(provider) as a, af.open_engine(provider, msg_size=2048) as b:
+        assert b.address._body.max_frame == 2048
+        with pytest.raises(ValueError, match="peer receives frames of up to 2048"):
+            a.send(b.address, b"x" * 3000)
+        assert a.statistics().sends_posted == 0
+        await bounded(a.send(b.address, b"y" * 1500))
+        assert (await bounded(b.recv())).data == b"y" * 1500

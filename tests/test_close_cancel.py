@@ -124,3 +124,25 @@ async def test_write_into_closed_remote_region_fails_and_corrupts_nothing(closed
             await asyncio.sleep(0.05)
             assert dst == bytes(8192), "a write through a revoked key landed"
             assert b.imm_counter(21).total == 0
+
+
+@pytest.mark.parametrize("provider", ["tcp;ofi_rxm", "udp;ofi_rxd"])
+async def test_hard_close_fails_what_is_in_flight(provider, loop_errors):
+    """close_timeout=0: nothing is waited for; every pending future fails with
+    ClosedResourceError.  (Not on shm: libfabric 1.17's shm crashes the *peer*
+    when an endpoint closes under in-flight writes, which is why aclose() waits
+    by default — see docs/design.md.)"""
+    a = await af.open_engine(provider, close_timeout=0)
+    b = await af.open_engine(provider)
+    try:
+        ra = a.register(bytearray(4 << 20))
+        d = b.register(bytearray(4 << 20)).descriptor()
+        futs = [a.write(ra, d, imm=1) for _ in range(64)]
+        await a.aclose()
+        results = await bounded(asyncio.gather(*futs, return_exceptions=True))
+        assert all(r is None or isinstance(r, af.ClosedResourceError) for r in results)
+        assert any(isinstance(r, af.ClosedResourceError) for r in results)
+        assert a.statistics().pending_futures == 0
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -22,14 +22,22 @@ providers = st.text(min_size=1, max_size=wire.MAX_PROVIDER).map(
 )
 u64 = st.integers(0, U64)
 nic_addresses = st.builds(wire.NicAddress, st.binary(min_size=1, max_size=wire.MAX_NIC_NAME), u64, u64)
-address_bodies = st.builds(
-    wire.AddressBody, providers, u64, st.lists(nic_addresses, min_size=1, max_size=wire.MAX_NICS).map(tuple)
-)
+HAS_MAX_FRAME = "max_frame" in wire.AddressBody._fields
+MIN_FRAME = getattr(wire, "MIN_FRAME", 1024)
+
+
+@st.composite
+def address_bodies(draw: st.DrawFn) -> wire.AddressBody:
+    nics = tuple(draw(st.lists(nic_addresses, min_size=1, max_size=wire.MAX_NICS)))
+    body = wire.AddressBody(draw(providers), draw(u64), nics)
+    if HAS_MAX_FRAME:
+        body = body._replace(max_frame=draw(st.integers(MIN_FRAME, 2**32 - 1)))
+    return body
 
 
 @st.composite
 def descriptor_bodies(draw: st.DrawFn) -> wire.DescriptorBody:
-    owner = draw(address_bodies)
+    owner = draw(address_bodies())
     addr = draw(u64)
     nbytes = draw(st.integers(0, min(U64, 2**64 - addr)))
     keys = tuple(draw(st.lists(u64, min_size=len(owner.nics), max_size=len(owner.nics))))
@@ -47,30 +55,46 @@ def make_address(provider: str = "shm", incarnation: int = 1, nics: int = 1) -> 
                                     tuple(wire.NicAddress(b"nic%d" % i, 0x1000 * i, i + 5) for i in range(nics))))
 
 
+# Raw encodings are built from the encoder's own output, then one field is
+# replaced (bypassing the encoder's types), so they follow the wire format.
+ADDR_FIELDS = {"tag": 0, "version": 1, "provider": 2, "incarnation": 3, "nics": 4, "max_frame": 5}
+DESC_FIELDS = {"tag": 0, "version": 1, "owner": 2, "addr": 3, "nbytes": 4, "keys": 5}
+
+
+def _replace(fields: list[Any], names: dict[str, int], override: dict[str, Any]) -> list[Any]:
+    for name, value in override.items():
+        fields[names[name]] = value
+    return fields
+
+
+def raw_owner(**override: Any) -> list[Any]:
+    """The address fields a descriptor embeds (an address minus tag and version)."""
+    fields = msgpack.unpackb(wire.encode_address(BODY), raw=False)
+    return _replace(fields, ADDR_FIELDS, override)[2:]
+
+
 def raw_address(**override: Any) -> bytes:
-    """An address encoding with some fields replaced (bypassing the encoder's types)."""
-    f = {"tag": "af.addr", "version": 1, "provider": "shm", "incarnation": 1, "nics": [[b"name", 0, 5]]}
-    f.update(override)
-    return msgpack.packb([f["tag"], f["version"], f["provider"], f["incarnation"], f["nics"]], use_bin_type=True)
+    fields = msgpack.unpackb(wire.encode_address(BODY), raw=False)
+    return msgpack.packb(_replace(fields, ADDR_FIELDS, override), use_bin_type=True)
 
 
 def raw_descriptor(**override: Any) -> bytes:
-    f = {"tag": "af.region", "version": 1, "owner": ["shm", 1, [[b"name", 0, 5]]],
-         "addr": 4096, "nbytes": 100, "keys": [9]}
-    f.update(override)
-    return msgpack.packb([f["tag"], f["version"], f["owner"], f["addr"], f["nbytes"], f["keys"]], use_bin_type=True)
+    fields = msgpack.unpackb(wire.encode_descriptor(wire.DescriptorBody(BODY, 4096, 100, (9,))), raw=False)
+    return msgpack.packb(_replace(fields, DESC_FIELDS, override), use_bin_type=True)
 
 
 def test_raw_helpers_are_valid() -> None:
     """The rejection tests below change one field of these; unchanged, they decode."""
     assert wire.decode_address(raw_address()) == BODY
     assert wire.decode_descriptor(raw_descriptor()) == wire.DescriptorBody(BODY, 4096, 100, (9,))
+    assert wire.decode_descriptor(raw_descriptor(owner=raw_owner())).owner == BODY
+    assert wire.decode_address(raw_address(nics=[[b"a", 1, 2], [b"b", 3, 4]])).nics[1] == (b"b", 3, 4)
 
 
 # -------------------------------------------------------------- round trips
 
 @untimed
-@given(address_bodies)
+@given(address_bodies())
 def test_address_round_trip(body: wire.AddressBody) -> None:
     blob = wire.encode_address(body)
     assert len(blob) <= wire.MAX_ADDRESS_BYTES
@@ -96,6 +120,8 @@ def test_descriptor_round_trip(body: wire.DescriptorBody) -> None:
 def test_largest_encodings_fit() -> None:
     nics = tuple(wire.NicAddress(bytes([i]) * wire.MAX_NIC_NAME, U64, U64) for i in range(wire.MAX_NICS))
     body = wire.AddressBody("p" * wire.MAX_PROVIDER, U64, nics)
+    if HAS_MAX_FRAME:
+        body = body._replace(max_frame=2**32 - 1)
     assert wire.decode_address(wire.encode_address(body)) == body
     desc = wire.DescriptorBody(body, 0, U64, (U64,) * wire.MAX_NICS)
     assert wire.decode_descriptor(wire.encode_descriptor(desc)) == desc
@@ -192,15 +218,23 @@ def test_address_and_descriptor_are_not_interchangeable() -> None:
 def test_wrong_address_field_rejected(override: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         wire.decode_address(raw_address(**override))
-    owner = ["shm", 1, [[b"name", 0, 5]]]
-    key, value = next(iter(override.items()))
-    owner[{"provider": 0, "incarnation": 1, "nics": 2}[key]] = value
     with pytest.raises(ProtocolError):
-        wire.decode_descriptor(raw_descriptor(owner=owner))
+        wire.decode_descriptor(raw_descriptor(owner=raw_owner(**override)))
+
+
+@pytest.mark.skipif(not HAS_MAX_FRAME, reason="this wire format has no max_frame")
+@pytest.mark.parametrize("value", [0, MIN_FRAME - 1, -1, 2**32, 65536.0, True, None, "65536"])
+def test_wrong_max_frame_rejected(value: Any) -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode_address(raw_address(max_frame=value))
+    with pytest.raises(ProtocolError):
+        wire.decode_descriptor(raw_descriptor(owner=raw_owner(max_frame=value)))
+    for ok in (MIN_FRAME, 2**32 - 1):
+        assert wire.decode_address(raw_address(max_frame=ok)).max_frame == ok
 
 
 @pytest.mark.parametrize("override", [
-    {"owner": ["shm", 1]}, {"owner": b"shm"}, {"owner": None}, {"addr": -1}, {"addr": 1.5}, {"addr": True},
+    {"owner": raw_owner()[:-1]}, {"owner": raw_owner() + [0]}, {"owner": b"shm"}, {"owner": None}, {"addr": -1}, {"addr": 1.5}, {"addr": True},
     {"nbytes": -1}, {"nbytes": "100"}, {"keys": 9}, {"keys": [-1]}, {"keys": [9.0]}, {"keys": [True]},
     {"keys": None},
 ])
@@ -212,7 +246,7 @@ def test_wrong_descriptor_field_rejected(override: dict[str, Any]) -> None:
 @pytest.mark.parametrize("blob", [
     msgpack.packb({"af.addr": 1}), msgpack.packb(["af.addr", 1, "shm", 1, {"n": 1}]),
     msgpack.packb(msgpack.ExtType(1, b"x")), msgpack.packb("af.addr"), msgpack.packb(None), b"",
-    msgpack.packb(["af.addr", 1, "shm", 1]), msgpack.packb(["af.addr", 1, "shm", 1, [[b"n", 0, 5]], 0]),
+    msgpack.packb(msgpack.unpackb(raw_address())[:-1]), msgpack.packb(msgpack.unpackb(raw_address()) + [0]),
 ])
 def test_malformed_structure_rejected(blob: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -221,7 +255,8 @@ def test_malformed_structure_rejected(blob: bytes) -> None:
 
 @pytest.mark.parametrize("nkeys,nnics", [(0, 1), (2, 1), (3, 4), (1, 2)])
 def test_wrong_key_count_rejected(nkeys: int, nnics: int) -> None:
-    owner = ["shm", 1, [[b"nic%d" % i, 0, 5] for i in range(nnics)]]
+    owner = raw_owner(nics=[[b"nic%d" % i, 0, 5] for i in range(nnics)])
+    assert wire.decode_descriptor(raw_descriptor(owner=owner, keys=list(range(nnics)))).keys == tuple(range(nnics))
     with pytest.raises(ProtocolError, match="keys"):
         wire.decode_descriptor(raw_descriptor(owner=owner, keys=list(range(nkeys))))
 
@@ -232,7 +267,7 @@ def test_nic_count_out_of_range_rejected(count: int) -> None:
     with pytest.raises(ProtocolError, match="NICs"):
         wire.decode_address(raw_address(nics=nics))
     with pytest.raises(ProtocolError):
-        wire.decode_descriptor(raw_descriptor(owner=["shm", 1, nics], keys=list(range(count))))
+        wire.decode_descriptor(raw_descriptor(owner=raw_owner(nics=nics), keys=list(range(count))))
 
 
 @pytest.mark.parametrize("addr,nbytes,ok", [
