@@ -58,7 +58,7 @@ class EngineConfig:
     max_ops: int = 4096
     sq_slots: int = 1 << 16
     eq_slots: int = 1 << 16
-    spin_us: int = 100
+    spin_us: int = 20000
     wait_spin_us: int = 20000
     idle_ms: int = 10
     direct_post: bool = False

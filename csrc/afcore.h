@@ -102,7 +102,8 @@ struct afc_engine {
 
 /* worker.c */
 void *afc_worker_main(void *arg);
-void afc_quiesce(afc_engine *e, int ms); /* let in-flight operations finish, bounded */
+void afc_quiesce(afc_engine *e, int ms);
+uint64_t afc_now_ns(void); /* let in-flight operations finish, bounded */
 int afc_post_sqe(afc_engine *e, const struct afc_sqe *s);
 int afc_post_recv(afc_engine *e, uint32_t slot);
 void afc_wake_worker(afc_engine *e);

@@ -24,7 +24,7 @@ void afc_default_config(struct afc_config *cfg)
     cfg->max_ops = 4096;
     cfg->sq_slots = 1u << 16;
     cfg->eq_slots = 1u << 16;
-    cfg->spin_us = 100;
+    cfg->spin_us = 20000;
     cfg->wait_spin_us = 20000;
     cfg->idle_ms = 10;
     cfg->direct_post = 0;

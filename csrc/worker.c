@@ -15,7 +15,7 @@
 
 #include "afcore.h"
 
-static uint64_t now_ns(void)
+uint64_t afc_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -267,8 +267,8 @@ static int idle_block(afc_engine *e, int timeout_us)
         woke = ppoll(&p, 1, &ts, NULL) > 0;
     }
     uint64_t v;
-    if (read(e->wake_fd, &v, sizeof v) > 0)
-        woke = 1;
+    if (woke && read(e->wake_fd, &v, sizeof v) < 0 && e->cq_fd < 0)
+        woke = 0; /* nothing was written: the poll timed out or fired spuriously */
     atomic_store(&e->sleeping, 0);
     if (woke)
         STAT_ADD(e, worker_wakeups, 1);
@@ -287,9 +287,9 @@ int afc_progress(afc_engine *e)
 
 void afc_quiesce(afc_engine *e, int ms)
 {
-    uint64_t deadline = now_ns() + (uint64_t)ms * 1000000ull;
+    uint64_t deadline = afc_now_ns() + (uint64_t)ms * 1000000ull;
     pthread_mutex_lock(&e->dom_lock);
-    while (e->n_op_free < e->cfg.max_ops && now_ns() < deadline) {
+    while (e->n_op_free < e->cfg.max_ops && afc_now_ns() < deadline) {
         if (!poll_cq(e))
             sched_yield();
     }
@@ -302,37 +302,41 @@ void *afc_worker_main(void *arg)
     const uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     const uint64_t wait_spin_ns = (uint64_t)e->cfg.wait_spin_us * 1000;
     const int max_sleep_us = (int)e->cfg.idle_ms * 1000;
-    uint64_t last_active = now_ns();
+    uint64_t last_active = afc_now_ns();
     int sleep_us = 50;
 
     while (!atomic_load_explicit(&e->stop, memory_order_relaxed)) {
+        uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
         pthread_mutex_lock(&e->dom_lock);
         int work = submit_queued(e);
         work += poll_cq(e);
         int busy = e->n_op_free < e->cfg.max_ops || !afc_sq_empty(e);
         pthread_mutex_unlock(&e->dom_lock);
-        if (work)
-            notify_loop(e);
+        if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
+            notify_loop(e); /* only when there is something for Python */
         if (work || busy) {
             if (work)
-                last_active = now_ns();
+                last_active = afc_now_ns();
             sleep_us = 50;
             continue;
         }
         uint64_t window = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 && e->cq_fd < 0
                               ? wait_spin_ns
                               : spin_ns;
-        if (now_ns() - last_active < window) {
+        if (afc_now_ns() - last_active < window) {
             sched_yield(); /* polling, but let a runnable event loop have the core */
             continue;
         }
         /* Idle.  With a wait fd block long; without one back off up to 1 ms. */
         int t = e->cq_fd >= 0 ? max_sleep_us : sleep_us;
         if (idle_block(e, t)) {
-            last_active = now_ns();
+            last_active = afc_now_ns();
             sleep_us = 50;
-        } else if (e->cq_fd < 0 && sleep_us < 1000) {
-            sleep_us = sleep_us * 2 > 1000 ? 1000 : sleep_us * 2;
+        } else if (e->cq_fd < 0) {
+            /* No wait fd: nothing can wake us when a peer writes, so back off,
+             * to 1 ms while a task awaits inbound traffic, to idle_ms when none does. */
+            int cap = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 ? 1000 : max_sleep_us;
+            sleep_us = sleep_us * 2 > cap ? cap : sleep_us * 2;
         }
     }
     return NULL;
