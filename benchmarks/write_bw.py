@@ -173,12 +173,30 @@ def _commit() -> str:
         return "unknown"
 
 
+def _raw_suite(args) -> dict:
+    raw: dict = {"bw": {}}
+    for size in args.sizes:
+        raw["bw"][size] = run_raw(args.provider, "bw", size=size, inflight=args.inflight, seconds=args.seconds)
+    raw["rate"] = run_raw(args.provider, "rate", size=4096, inflight=64, seconds=args.seconds)
+    raw["rtt"] = run_raw(args.provider, "rtt", iters=args.rtt_iters)
+    return raw
+
+
+def _metrics(run: dict, sizes) -> dict[str, float]:
+    """Flatten one suite's results: name -> value."""
+    out = {f"bw {s}": run["bw"][s]["gbit_per_s"] for s in sizes}
+    out["rate"] = run["rate"]["ops_per_s"]
+    out["rtt"] = run["rtt"]["rtt_us_median"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--provider", default="shm")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--inflight", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=1.0, help="per workload and round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating aiofabric/raw rounds; medians are reported")
     ap.add_argument("--rtt-iters", type=int, default=5000)
     ap.add_argument("--direct-post", action="store_true", help="caller thread posts (see docs/design.md)")
     ap.add_argument("--loop-spin-us", type=int, default=0, help="event-loop polling window (EngineConfig.loop_spin_us)")
@@ -186,35 +204,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-raw", action="store_true", help="skip the raw C baseline")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
-    settings = {"direct_post": True} if args.direct_post else {}
+    if args.rounds < 1 or args.seconds <= 0 or args.inflight < 1:
+        ap.error("--rounds, --seconds and --inflight must be positive")
+    settings: dict = {"direct_post": True} if args.direct_post else {}
     if args.loop_spin_us:
         settings["loop_spin_us"] = args.loop_spin_us
     if args.spin_us is not None:
         settings["spin_us"] = args.spin_us
-    res = run_aiofabric(args.provider, args, settings)
-    raw: dict = {"bw": {}}
-    if not args.no_raw:
-        for size in args.sizes:
-            raw["bw"][size] = run_raw(args.provider, "bw", size=size, inflight=args.inflight, seconds=args.seconds)
-        raw["rate"] = run_raw(args.provider, "rate", size=4096, inflight=64, seconds=args.seconds)
-        raw["rtt"] = run_raw(args.provider, "rtt", iters=args.rtt_iters)
+    af_runs, raw_runs = [], []
+    for _ in range(args.rounds):  # alternate, so drift on a noisy machine hits both alike
+        af_runs.append(run_aiofabric(args.provider, args, settings))
+        if not args.no_raw:
+            raw_runs.append(_raw_suite(args))
+    a_med = {k: statistics.median(_metrics(r, args.sizes)[k] for r in af_runs) for k in _metrics(af_runs[0], args.sizes)}
+    r_med = ({k: statistics.median(_metrics(r, args.sizes)[k] for r in raw_runs) for k in a_med}
+             if raw_runs else {})
 
-    def ratio(x: float, y: float | None) -> str:
-        return f"{x / y:6.2f}" if y else "     -"
+    def row(name: str, key: str, unit: str, fmt: str, lower_is_better: bool = False) -> None:
+        a, r = a_med[key], r_med.get(key)
+        ratio = (r / a if lower_is_better else a / r) if r else None
+        rs = format(r, fmt) if r is not None else "-"
+        print(f"{name:<22}{format(a, fmt):>12} {unit:<5}{rs:>12} {unit:<5}{(f'{ratio:.2f}' if ratio else '-'):>7}")
 
-    print(f"provider {args.provider}  libfabric {af.fabric_version()}  {platform.node()}  "
-          f"{os.cpu_count()} cpus  in flight {args.inflight}  direct_post={args.direct_post} loop_spin_us={args.loop_spin_us} spin_us={args.spin_us or 'default'}")
-    print(f"{'workload':<22}{'aiofabric':>16}{'raw C':>16}{'ratio':>8}")
+    print(f"provider {args.provider}  libfabric {af.fabric_version()}  {platform.node()}  {os.cpu_count()} cpus  "
+          f"in flight {args.inflight}  {args.rounds} rounds x {args.seconds}s  settings {settings or 'default'}")
+    print(f"{'workload (medians)':<22}{'aiofabric':>18}{'raw C':>18}{'ratio':>7}")
     for size in args.sizes:
-        a = res["bw"][size]["gbit_per_s"]
-        r = raw["bw"].get(size, {}).get("gbit_per_s")
-        print(f"{'write ' + _human(size):<22}{a:>11.2f} Gb/s{(r or 0):>11.2f} Gb/s{ratio(a, r):>8}")
-    a = res["rate"]["ops_per_s"]
-    r = raw.get("rate", {}).get("ops_per_s")
-    print(f"{'4 KiB rate (64 fl.)':<22}{a:>12,.0f} /s{(r or 0):>12,.0f} /s{ratio(a, r):>8}")
-    a = res["rtt"]["rtt_us_median"]
-    r = raw.get("rtt", {}).get("rtt_us_median")
-    print(f"{'notify RTT median':<22}{a:>13.1f} us{(r or 0):>13.1f} us{ratio(a, r):>8}")
+        row(f"write {_human(size)}", f"bw {size}", "Gb/s", ".2f")
+    row("4 KiB rate (64 fl.)", "rate", "/s", ",.0f")
+    row("notify round trip", "rtt", "us", ".1f", lower_is_better=True)
+    print("ratio: aiofabric / raw for throughput, raw / aiofabric for the round trip (1.00 = same)")
     if args.json:
         doc = {
             "provider": args.provider,
@@ -222,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": sys.version.split()[0]},
             "commit": _commit(),
-            "settings": {"inflight": args.inflight, "seconds": args.seconds, **settings},
-            "aiofabric": res,
-            "raw": raw,
+            "settings": {"inflight": args.inflight, "seconds": args.seconds, "rounds": args.rounds, **settings},
+            "median": {"aiofabric": a_med, "raw": r_med},
+            "runs": {"aiofabric": af_runs, "raw": raw_runs},
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
