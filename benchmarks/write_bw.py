@@ -173,6 +173,30 @@ def _commit() -> str:
         return "unknown"
 
 
+def wakeup_floor(iters: int = 3000) -> float:
+    """Median round trip of a blocking pipe ping-pong between two processes:
+    what two thread wake-ups cost on this machine (a loop that sleeps between
+    events pays at least this per round trip; a busy-polling C program does not)."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        for _ in range(iters):
+            os.read(r1, 1)
+            os.write(w2, b"x")
+        os._exit(0)
+    samples = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        os.write(w1, b"x")
+        os.read(r2, 1)
+        samples.append((time.perf_counter() - t) * 1e6)
+    os.waitpid(pid, 0)
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+    return statistics.median(samples[iters // 5:])
+
+
 def _raw_suite(args) -> dict:
     raw: dict = {"bw": {}}
     for size in args.sizes:
@@ -233,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         row(f"write {_human(size)}", f"bw {size}", "Gb/s", ".2f")
     row("4 KiB rate (64 fl.)", "rate", "/s", ",.0f")
     row("notify round trip", "rtt", "us", ".1f", lower_is_better=True)
+    floor = wakeup_floor()
+    print(f"{'wake-up floor':<22}{floor:>12.1f} us    (blocking pipe ping-pong between two processes)")
     print("ratio: aiofabric / raw for throughput, raw / aiofabric for the round trip (1.00 = same)")
     if args.json:
         doc = {
@@ -243,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": _commit(),
             "settings": {"inflight": args.inflight, "seconds": args.seconds, "rounds": args.rounds, **settings},
             "median": {"aiofabric": a_med, "raw": r_med},
+            "wakeup_floor_us": floor,
             "runs": {"aiofabric": af_runs, "raw": raw_runs},
         }
         with open(args.json, "w") as f:

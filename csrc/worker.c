@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <time.h>
@@ -299,6 +300,7 @@ void afc_quiesce(afc_engine *e, int ms)
 void *afc_worker_main(void *arg)
 {
     afc_engine *e = arg;
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); /* short sleeps stay short (default slack: 50 us) */
     const uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     const uint64_t wait_spin_ns = (uint64_t)e->cfg.wait_spin_us * 1000;
     const int max_sleep_us = (int)e->cfg.idle_ms * 1000;
@@ -324,7 +326,10 @@ void *afc_worker_main(void *arg)
                               ? wait_spin_ns
                               : spin_ns;
         if (afc_now_ns() - last_active < window) {
-            sched_yield(); /* polling, but let a runnable event loop have the core */
+            /* Polling, but give the core away for a moment: on small machines the
+             * event loop that must run next may be waiting for it. */
+            struct timespec pause = {0, 2000};
+            nanosleep(&pause, NULL);
             continue;
         }
         /* Idle.  With a wait fd block long; without one back off up to 1 ms. */
