@@ -5,7 +5,9 @@ counters; no ordering assumed anywhere.  See docs/concepts.md.
 """
 from ._lib import fabric_version
 from .counters import CounterStatistics, ImmCounter
-from .engine import EngineConfig, EngineStatistics, Message, TransferEngine, open_engine
+from .config import EngineConfig, EngineStatistics, Message
+from .engine import TransferEngine
+from .opener import open_engine
 from .errors import (
     BrokenResourceError,
     BusyResourceError,

@@ -11,89 +11,21 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 from . import wire
 from ._lib import check, ffi, lib, strerror
-from .counters import ImmCounter, _check_n
-from .errors import BusyResourceError, ClosedResourceError, ProtocolError, UnavailableError, completion_error
+from .config import EngineConfig, EngineStatistics, Message
+from .counters import ImmCounter
+from .errors import ClosedResourceError, ProtocolError, completion_error
 from .memory import Address, MemoryRegion, RegionDescriptor, RegionView
-from .providers import default_provider
 
-__all__ = ["EngineConfig", "EngineStatistics", "Message", "TransferEngine", "open_engine"]
+__all__ = ["TransferEngine"]
 
 _U32 = (1 << 32) - 1
-_NATIVE_FIELDS = frozenset(
-    "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post".split()
-)
 _OK_BATCH = 1024
 _EV_BATCH = 256
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine-wide settings (all optional).
-
-    msg_size: largest two-sided message frame in bytes (the payload limit is
-        this minus the sender's address, see ``TransferEngine.max_message_size``).
-    spin_us: how long the worker keeps polling after the last activity before
-        it blocks; idle_ms: the longest it blocks (progress runs this often).
-    wait_spin_us: on providers that cannot wake a blocked thread (shm, rxd),
-        how long the worker keeps polling after the last activity while a task
-        awaits a counter or a message (after that it polls every <= 1 ms).
-    direct_post: post from the calling thread instead of handing work to the
-        worker (see docs/design.md for the measurement behind the default).
-    loop_spin_us: while operations or waits are pending, the event loop also
-        polls the completion ring (between its other callbacks) for this long
-        after the last completion before it relies on the eventfd alone; trades
-        CPU for latency (0: off).
-    close_timeout: seconds ``aclose()`` lets operations in flight finish
-        before it fails them.
-    """
-
-    msg_size: int = 65536
-    recv_slots: int = 64
-    send_slots: int = 64
-    max_ops: int = 4096
-    sq_slots: int = 1 << 16
-    eq_slots: int = 1 << 16
-    spin_us: int = 20000
-    wait_spin_us: int = 20000
-    idle_ms: int = 10
-    direct_post: bool = False
-    loop_spin_us: int = 0
-    close_timeout: float = 2.0
-
-
-@dataclass(frozen=True)
-class EngineStatistics:
-    """A snapshot of an engine's counts (``engine.statistics()``)."""
-
-    provider: str
-    writes_posted: int
-    bytes_posted: int
-    sends_posted: int
-    completions: int
-    errors: int
-    imms_received: int
-    msgs_received: int
-    eagain: int
-    worker_sleeps: int
-    worker_wakeups: int
-    ops_in_flight: int
-    queued: int
-    pending_futures: int
-    regions: int
-    messages_waiting: int
-
-
-@dataclass(frozen=True)
-class Message:
-    """A two-sided message: who sent it and its bytes."""
-
-    sender: Address
-    data: bytes
 
 
 class TransferEngine:
@@ -551,92 +483,3 @@ def _bad_imm(imm: object) -> Exception:
     if type(imm) is not int:
         return TypeError(f"imm must be an int, not {type(imm).__name__}")
     return ValueError(f"imm must be an unsigned 32-bit value, got {imm}")
-
-
-class _Opener:
-    """``open_engine(...)``: use with ``async with``, or ``await`` it."""
-
-    def __init__(self, provider: str | None, nics: list[str] | None, config: EngineConfig) -> None:
-        self._args = (provider, nics, config)
-        self._engine: TransferEngine | None = None
-
-    def _open(self) -> TransferEngine:
-        provider, nics, config = self._args
-        return _open_now(asyncio.get_running_loop(), provider, nics, config)
-
-    def __await__(self):
-        async def go() -> TransferEngine:
-            return self._open()
-        return go().__await__()
-
-    async def __aenter__(self) -> TransferEngine:
-        self._engine = self._open()
-        return self._engine
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._engine is not None
-        await self._engine.aclose()
-
-
-def open_engine(provider: str | None = None, nics: list[str] | None = None,
-                config: EngineConfig | None = None, **settings: Any) -> _Opener:
-    """Open a TransferEngine on ``provider`` (None: the best available, see
-    :func:`aiofabric.providers.default_provider`).
-
-    ``nics`` names the NIC (libfabric domain, e.g. ``"lo"`` or ``"mlx5_0"``);
-    one for now.  Keyword settings override fields of :class:`EngineConfig`.
-    Raises UnavailableError when the provider or NIC is missing.
-    """
-    if config is None:
-        config = EngineConfig()
-    if settings:
-        names = {f.name for f in fields(EngineConfig)}
-        bad = set(settings) - names
-        if bad:
-            raise TypeError(f"unknown engine setting(s): {', '.join(sorted(bad))}")
-        config = EngineConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **settings})
-    if provider is not None and (type(provider) is not str or not provider):
-        raise TypeError("provider must be a non-empty string or None")
-    if nics is not None:
-        if isinstance(nics, str) or not all(isinstance(n, str) for n in nics):
-            raise TypeError("nics must be a list of interface or domain names")
-        if len(nics) != 1:
-            raise ValueError("this version drives exactly one NIC per engine")
-    return _Opener(provider, nics, config)
-
-
-def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[str] | None,
-              config: EngineConfig) -> TransferEngine:
-    if provider is None:
-        provider = default_provider()
-        if provider is None:
-            raise UnavailableError("no libfabric provider with RMA writes and immediate data found")
-    for name in ("sq_slots", "eq_slots"):
-        v = getattr(config, name)
-        if v <= 0 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two, got {v}")
-    if config.msg_size < 1024:
-        raise ValueError("msg_size must be at least 1024")
-    cfg = ffi.new("struct afc_config *")
-    lib.afc_default_config(cfg)
-    keep = [ffi.new("char[]", provider.encode())]
-    cfg.provider = keep[0]
-    if nics:
-        keep.append(ffi.new("char[]", nics[0].encode()))
-        cfg.domain = keep[-1]
-    for f in fields(config):
-        if f.name in _NATIVE_FIELDS:
-            setattr(cfg, f.name, int(getattr(config, f.name)))
-    out = ffi.new("afc_engine **")
-    err = ffi.new("char[]", 512)
-    rc = lib.afc_open(cfg, out, err, 512)
-    if rc:
-        text = ffi.string(err).decode(errors="replace")
-        if rc == -lib.FI_ENODATA:
-            raise UnavailableError(f"provider {provider!r} is not available here ({text})")
-        check(rc, text)
-    try:
-        return TransferEngine(out[0], loop, config)
-    except BaseException:
-        lib.afc_close(out[0])
-        raise

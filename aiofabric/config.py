@@ -1,0 +1,77 @@
+"""Engine settings and the plain records the engine hands out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .memory import Address
+
+__all__ = ["EngineConfig", "EngineStatistics", "Message", "NATIVE_FIELDS"]
+
+NATIVE_FIELDS = frozenset(
+    "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post".split()
+)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings (all optional).
+
+    msg_size: largest two-sided message frame in bytes (the payload limit is
+        this minus the sender's address, see ``TransferEngine.max_message_size``).
+    spin_us: how long the worker keeps polling after the last activity before
+        it blocks; idle_ms: the longest it blocks (progress runs this often).
+    wait_spin_us: on providers that cannot wake a blocked thread (shm, rxd),
+        how long the worker keeps polling after the last activity while a task
+        awaits a counter or a message (after that it polls every <= 1 ms).
+    direct_post: post from the calling thread instead of handing work to the
+        worker (see docs/design.md for the measurement behind the default).
+    loop_spin_us: while operations or waits are pending, the event loop also
+        polls the completion ring (between its other callbacks) for this long
+        after the last completion before it relies on the eventfd alone; trades
+        CPU for latency (0: off).
+    close_timeout: seconds ``aclose()`` lets operations in flight finish
+        before it fails them.
+    """
+
+    msg_size: int = 65536
+    recv_slots: int = 64
+    send_slots: int = 64
+    max_ops: int = 4096
+    sq_slots: int = 1 << 16
+    eq_slots: int = 1 << 16
+    spin_us: int = 20000
+    wait_spin_us: int = 20000
+    idle_ms: int = 10
+    direct_post: bool = False
+    loop_spin_us: int = 0
+    close_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class EngineStatistics:
+    """A snapshot of an engine's counts (``engine.statistics()``)."""
+
+    provider: str
+    writes_posted: int
+    bytes_posted: int
+    sends_posted: int
+    completions: int
+    errors: int
+    imms_received: int
+    msgs_received: int
+    eagain: int
+    worker_sleeps: int
+    worker_wakeups: int
+    ops_in_flight: int
+    queued: int
+    pending_futures: int
+    regions: int
+    messages_waiting: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """A two-sided message: who sent it and its bytes."""
+
+    sender: Address
+    data: bytes

@@ -1,0 +1,103 @@
+"""``open_engine``: validate settings, open the native engine, wrap it."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import fields
+from typing import Any
+
+from ._lib import check, ffi, lib
+from .config import NATIVE_FIELDS, EngineConfig
+from .engine import TransferEngine
+from .errors import UnavailableError
+from .providers import default_provider
+
+__all__ = ["open_engine"]
+
+
+class _Opener:
+    """``open_engine(...)``: use with ``async with``, or ``await`` it."""
+
+    def __init__(self, provider: str | None, nics: list[str] | None, config: EngineConfig) -> None:
+        self._args = (provider, nics, config)
+        self._engine: TransferEngine | None = None
+
+    def _open(self) -> TransferEngine:
+        provider, nics, config = self._args
+        return _open_now(asyncio.get_running_loop(), provider, nics, config)
+
+    def __await__(self):
+        async def go() -> TransferEngine:
+            return self._open()
+        return go().__await__()
+
+    async def __aenter__(self) -> TransferEngine:
+        self._engine = self._open()
+        return self._engine
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._engine is not None
+        await self._engine.aclose()
+
+
+def open_engine(provider: str | None = None, nics: list[str] | None = None,
+                config: EngineConfig | None = None, **settings: Any) -> _Opener:
+    """Open a TransferEngine on ``provider`` (None: the best available, see
+    :func:`aiofabric.providers.default_provider`).
+
+    ``nics`` names the NIC (libfabric domain, e.g. ``"lo"`` or ``"mlx5_0"``);
+    one for now.  Keyword settings override fields of :class:`EngineConfig`.
+    Raises UnavailableError when the provider or NIC is missing.
+    """
+    if config is None:
+        config = EngineConfig()
+    if settings:
+        names = {f.name for f in fields(EngineConfig)}
+        bad = set(settings) - names
+        if bad:
+            raise TypeError(f"unknown engine setting(s): {', '.join(sorted(bad))}")
+        config = EngineConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **settings})
+    if provider is not None and (type(provider) is not str or not provider):
+        raise TypeError("provider must be a non-empty string or None")
+    if nics is not None:
+        if isinstance(nics, str) or not all(isinstance(n, str) for n in nics):
+            raise TypeError("nics must be a list of interface or domain names")
+        if len(nics) != 1:
+            raise ValueError("this version drives exactly one NIC per engine")
+    return _Opener(provider, nics, config)
+
+
+def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[str] | None,
+              config: EngineConfig) -> TransferEngine:
+    if provider is None:
+        provider = default_provider()
+        if provider is None:
+            raise UnavailableError("no libfabric provider with RMA writes and immediate data found")
+    for name in ("sq_slots", "eq_slots"):
+        v = getattr(config, name)
+        if v <= 0 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    if config.msg_size < 1024:
+        raise ValueError("msg_size must be at least 1024")
+    cfg = ffi.new("struct afc_config *")
+    lib.afc_default_config(cfg)
+    keep = [ffi.new("char[]", provider.encode())]
+    cfg.provider = keep[0]
+    if nics:
+        keep.append(ffi.new("char[]", nics[0].encode()))
+        cfg.domain = keep[-1]
+    for f in fields(config):
+        if f.name in NATIVE_FIELDS:
+            setattr(cfg, f.name, int(getattr(config, f.name)))
+    out = ffi.new("afc_engine **")
+    err = ffi.new("char[]", 512)
+    rc = lib.afc_open(cfg, out, err, 512)
+    if rc:
+        text = ffi.string(err).decode(errors="replace")
+        if rc == -lib.FI_ENODATA:
+            raise UnavailableError(f"provider {provider!r} is not available here ({text})")
+        check(rc, text)
+    try:
+        return TransferEngine(out[0], loop, config)
+    except BaseException:
+        lib.afc_close(out[0])
+        raise
