@@ -107,6 +107,7 @@ uint64_t afc_now_ns(void); /* let in-flight operations finish, bounded */
 int afc_post_sqe(afc_engine *e, const struct afc_sqe *s);
 int afc_post_recv(afc_engine *e, uint32_t slot);
 void afc_wake_worker(afc_engine *e);
+void afc_notify_loop(afc_engine *e); /* wake the event loop if it is armed */
 int afc_ev_push(afc_engine *e, uint64_t id, int32_t kind, int32_t err, uint64_t data,
                 uint64_t aux);
 

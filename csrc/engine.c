@@ -414,9 +414,12 @@ static int submit(afc_engine *e, const struct afc_sqe *s)
     if (atomic_load_explicit(&e->stop, memory_order_relaxed))
         return -FI_ESHUTDOWN;
     if (e->cfg.direct_post && afc_sq_empty(e)) {
+        uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
         pthread_mutex_lock(&e->dom_lock);
         int rc = afc_post_sqe(e, s);
         pthread_mutex_unlock(&e->dom_lock);
+        if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
+            afc_notify_loop(e); /* the post failed at once: its error record is waiting */
         if (rc != -FI_EAGAIN) {
             afc_wake_worker(e);
             return rc;

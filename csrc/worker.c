@@ -47,7 +47,7 @@ static uint64_t ev_room(afc_engine *e)
     return (uint64_t)e->ev_mask + 1 - (tail - head);
 }
 
-static void notify_loop(afc_engine *e)
+void afc_notify_loop(afc_engine *e)
 {
     if (atomic_exchange(&e->armed, 0)) {
         uint64_t one = 1;
@@ -315,7 +315,7 @@ void *afc_worker_main(void *arg)
         int busy = e->n_op_free < e->cfg.max_ops || !afc_sq_empty(e);
         pthread_mutex_unlock(&e->dom_lock);
         if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
-            notify_loop(e); /* only when there is something for Python */
+            afc_notify_loop(e); /* only when there is something for Python */
         if (work || busy) {
             if (work)
                 last_active = afc_now_ns();
