@@ -25,10 +25,10 @@ class EngineConfig:
         awaits a counter or a message (after that it polls every <= 1 ms).
     direct_post: post from the calling thread instead of handing work to the
         worker (see docs/design.md for the measurement behind the default).
-    loop_spin_us: while operations or waits are pending, the event loop also
-        polls the completion ring (between its other callbacks) for this long
-        after the last completion before it relies on the eventfd alone; trades
-        CPU for latency (0: off).
+    loop_spin_us: while a task awaits a counter or a message, the event loop
+        also polls the provider and the completion ring (between its other
+        callbacks) for this long after the last completion before it relies on
+        the eventfd alone; trades CPU for latency (0: off).
     close_timeout: seconds ``aclose()`` lets operations in flight finish
         before it fails them.
     """
@@ -43,7 +43,7 @@ class EngineConfig:
     wait_spin_us: int = 20000
     idle_ms: int = 10
     direct_post: bool = False
-    loop_spin_us: int = 0
+    loop_spin_us: int = 200
     close_timeout: float = 2.0
 
 

@@ -205,8 +205,6 @@ class TransferEngine:
         fut = self._loop.create_future()
         self._pending[i] = (fut, region)
         region._inflight += 1
-        if self._spin_s and not self._polling:
-            self._start_polling()
         return fut
 
     def notify(self, peer: Address, imm: int) -> asyncio.Future[None]:
@@ -286,8 +284,7 @@ class TransferEngine:
     def _expect(self, delta: int) -> None:
         if not self._closed:
             self._expecting += delta
-            if not self._spin_s:
-                lib.afc_expect(self._h, delta)  # the worker polls for us
+            lib.afc_expect(self._h, delta)  # the worker polls longer for us
             if delta > 0 and self._spin_s and not self._polling:
                 self._start_polling()
 
@@ -304,7 +301,7 @@ class TransferEngine:
         lib.afc_progress(self._h)
         if self._on_events():
             self._last_activity = now
-        if (self._pending or self._expecting) and now - self._last_activity < self._spin_s:
+        if self._expecting and now - self._last_activity < self._spin_s:
             self._loop.call_soon(self._poll)
         else:
             self._polling = False
