@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating aiofabric/raw rounds; medians are reported")
     ap.add_argument("--rtt-iters", type=int, default=5000)
     ap.add_argument("--direct-post", action="store_true", help="caller thread posts (see docs/design.md)")
-    ap.add_argument("--loop-spin-us", type=int, default=0, help="event-loop polling window (EngineConfig.loop_spin_us)")
+    ap.add_argument("--loop-spin-us", type=int, default=None, help="event-loop polling window (EngineConfig.loop_spin_us)")
     ap.add_argument("--spin-us", type=int, default=None, help="worker polling window (EngineConfig.spin_us)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw C baseline")
     ap.add_argument("--json", help="write results here")
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.seconds <= 0 or args.inflight < 1:
         ap.error("--rounds, --seconds and --inflight must be positive")
     settings: dict = {"direct_post": True} if args.direct_post else {}
-    if args.loop_spin_us:
+    if args.loop_spin_us is not None:
         settings["loop_spin_us"] = args.loop_spin_us
     if args.spin_us is not None:
         settings["spin_us"] = args.spin_us

@@ -69,6 +69,7 @@ struct afc_engine {
     atomic_int stop;
     atomic_int sleeping;
     atomic_int expecting; /* tasks awaiting inbound traffic */
+    _Atomic uint64_t loop_polled_ns; /* when the event loop last polled itself (afc_progress) */
 
     /* Submission queue: producers serialised by sq_lock, the worker consumes. */
     pthread_mutex_t sq_lock;

@@ -283,6 +283,7 @@ int afc_progress(afc_engine *e)
     int n = submit_queued(e);
     n += poll_cq(e);
     pthread_mutex_unlock(&e->dom_lock);
+    atomic_store_explicit(&e->loop_polled_ns, afc_now_ns(), memory_order_relaxed);
     return n;
 }
 
@@ -308,6 +309,13 @@ void *afc_worker_main(void *arg)
     int sleep_us = 50;
 
     while (!atomic_load_explicit(&e->stop, memory_order_relaxed)) {
+        /* While the event loop polls for itself (loop_spin_us), one poller per
+         * engine is enough: sleep, but wake at once for submissions. */
+        uint64_t polled = atomic_load_explicit(&e->loop_polled_ns, memory_order_relaxed);
+        if (polled && afc_now_ns() - polled < 100000) {
+            idle_block(e, 100);
+            continue;
+        }
         uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
         pthread_mutex_lock(&e->dom_lock);
         int work = submit_queued(e);
