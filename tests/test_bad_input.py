@@ -2,7 +2,6 @@
 no bytes moved, no operation left behind."""
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
