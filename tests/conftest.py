@@ -43,8 +43,10 @@ async def pair(provider, loop_errors):
         for e in (a, b):
             assert e.statistics().pending_futures == 0, "operations left in flight"
     finally:
-        await a.aclose()
+        # The receiving side first: libfabric 1.17's shm can crash an engine that
+        # still processes commands from a same-process peer whose endpoint is gone.
         await b.aclose()
+        await a.aclose()
 
 
 async def bounded(aw, seconds: float = 10.0):

@@ -91,23 +91,24 @@ async def test_counter_created_after_arrivals_counts_them(pair):
 
 
 async def test_counters_from_several_peers(provider, loop_errors):
-    async with af.open_engine(provider) as target:
+    target = await af.open_engine(provider)
+    peers = [await af.open_engine(provider) for _ in range(3)]
+    try:
         dst = bytearray(4 * 4096)
         desc = target.register(dst).descriptor()
-        peers = [await af.open_engine(provider) for _ in range(3)]
-        try:
-            futs = []
-            for i, p in enumerate(peers):
-                r = p.register(bytearray(bytes([i + 1]) * 4096))
-                futs.append(p.write(r, desc[i * 4096:(i + 1) * 4096], imm=3))
-                futs.append(p.notify(target.address, 4))
-            await bounded(asyncio.gather(*futs))
-            await bounded(asyncio.gather(target.imm_counter(3).wait(3), target.imm_counter(4).wait(3)))
-            for i in range(3):
-                assert dst[i * 4096:(i + 1) * 4096] == bytes([i + 1]) * 4096
-        finally:
-            for p in peers:
-                await p.aclose()
+        futs = []
+        for i, p in enumerate(peers):
+            r = p.register(bytearray(bytes([i + 1]) * 4096))
+            futs.append(p.write(r, desc[i * 4096:(i + 1) * 4096], imm=3))
+            futs.append(p.notify(target.address, 4))
+        await bounded(asyncio.gather(*futs))
+        await bounded(asyncio.gather(target.imm_counter(3).wait(3), target.imm_counter(4).wait(3)))
+        for i in range(3):
+            assert dst[i * 4096:(i + 1) * 4096] == bytes([i + 1]) * 4096
+    finally:
+        await target.aclose()  # the receiver first (see conftest.pair)
+        for p in peers:
+            await p.aclose()
 
 
 async def test_many_concurrent_writes(pair):
