@@ -20,6 +20,7 @@ from .config import EngineConfig, EngineStatistics, Message
 from .counters import ImmCounter
 from .errors import ClosedResourceError, ProtocolError, completion_error
 from .memory import Address, MemoryRegion, RegionDescriptor, RegionView
+from .pages import check_pages
 
 __all__ = ["TransferEngine"]
 
@@ -169,6 +170,7 @@ class TransferEngine:
         future fails with CompletionError/RemoteAccessError/BrokenResourceError.
         Cancelling the future abandons the wait, not the transfer.
         """
+        # The hot path: the checks of _check_write, inlined (each call costs).
         if self._closed:
             raise ClosedResourceError("engine is closed")
         t = type(src)
@@ -206,6 +208,95 @@ class TransferEngine:
         self._pending[i] = (fut, region)
         region._inflight += 1
         return fut
+
+    def write_pages(self, src: MemoryRegion | RegionView, dst: RegionDescriptor, page_size: int,
+                    src_pages: Any, dst_pages: Any, *, src_stride: int | None = None,
+                    dst_stride: int | None = None, imm: int | None = None) -> asyncio.Future[None]:
+        """Write many pages in one call: page k copies ``page_size`` bytes from
+        ``src`` at ``src_stride * src_pages[k]`` to ``dst`` at
+        ``dst_stride * dst_pages[k]`` (strides default to ``page_size``).
+
+        The native core posts every page; Python never loops over them. Every
+        index is checked against both ranges first (TypeError/ValueError,
+        nothing posted). ``imm`` is delivered **once per page**. The future
+        resolves when every page has completed locally, or fails with the
+        first page's error. An empty page list resolves at once.
+        """
+        region, off = self._src(src)
+        if type(dst) is not RegionDescriptor:
+            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
+        v = self._imm_value(imm)
+        page, sstride, dstride, sidx, didx = check_pages(
+            page_size, src_pages, dst_pages, src_stride, dst_stride, src.nbytes, dst.nbytes)
+        fut = self._loop.create_future()
+        if len(sidx) == 0:
+            fut.set_result(None)
+            return fut
+        dest = self._peers.get(dst.owner._body.nics[0].name)
+        if dest is None:
+            dest = self._fi_addr(dst.owner)
+        i = self._next_id()
+        check(lib.afc_write_pages(
+            self._h, i, region._ptr + off, region._desc, dest, dst.addr, dst.keys[0], page, sstride, dstride,
+            ffi.from_buffer("int64_t[]", sidx), ffi.from_buffer("int64_t[]", didx), len(sidx), v), "write_pages")
+        self._pending[i] = (fut, region)
+        region._inflight += 1
+        return fut
+
+    def scatter(self, pairs: Any, *, imm: int | None = None) -> asyncio.Future[list[None]]:
+        """One write per ``(src, dst)`` pair, to any number of peers; every pair
+        is validated before the first is posted. ``imm`` is delivered once per
+        pair (at that pair's target). The future resolves when all complete."""
+        pairs = list(pairs)
+        for k, pair in enumerate(pairs):
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise TypeError(f"pairs[{k}] must be a (src, dst) tuple")
+            self._check_write(*pair, imm)
+            self._fi_addr(pair[1].owner)
+        return asyncio.gather(*(self.write(s, d, imm=imm) for s, d in pairs))
+
+    def barrier(self, peers: Any, imm: int) -> asyncio.Future[list[None]]:
+        """Notify every peer in ``peers`` with ``imm`` (one immediate each); all
+        are validated before the first is posted."""
+        peers = list(peers)
+        self._imm_value(imm)
+        for k, p in enumerate(peers):
+            if type(p) is not Address:
+                raise TypeError(f"peers[{k}] must be an Address, not {type(p).__name__}")
+            self._fi_addr(p)
+        return asyncio.gather(*(self.notify(p, imm) for p in peers))
+
+    def _src(self, src: Any) -> tuple[MemoryRegion, int]:
+        if self._closed:
+            raise ClosedResourceError("engine is closed")
+        t = type(src)
+        if t is RegionView:
+            region, off = src.region, src.offset
+        elif t is MemoryRegion:
+            region, off = src, 0
+        else:
+            raise TypeError(f"src must be a MemoryRegion or a slice of one, not {t.__name__}")
+        if region.engine is not self:
+            raise ValueError("src is registered with another engine")
+        if region._closed:
+            raise ClosedResourceError("src region is closed")
+        return region, off
+
+    @staticmethod
+    def _imm_value(imm: Any) -> int:
+        if imm is None:
+            return -1
+        if type(imm) is int and 0 <= imm <= _U32:
+            return imm
+        raise _bad_imm(imm)
+
+    def _check_write(self, src: Any, dst: Any, imm: Any) -> tuple[MemoryRegion, int, int]:
+        region, off = self._src(src)
+        if type(dst) is not RegionDescriptor:
+            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
+        if src.nbytes != dst.nbytes:
+            raise ValueError(f"src has {src.nbytes} bytes but dst has {dst.nbytes}")
+        return region, off, self._imm_value(imm)
 
     def notify(self, peer: Address, imm: int) -> asyncio.Future[None]:
         """Deliver one immediate to ``peer`` (a zero-byte write to its doorbell)."""

@@ -10,6 +10,7 @@
 #define AFC_OP_WRITE 1
 #define AFC_OP_SEND 2
 #define AFC_OP_REPOST 3
+#define AFC_OP_PAGES 4
 
 #define AFC_ADDR_MAX 256  /* largest endpoint name we accept */
 
@@ -93,6 +94,14 @@ int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, void *desc,
               uint64_t dest, uint64_t raddr, uint64_t rkey, int64_t imm);
 int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen,
              const char *data, size_t len, uint64_t dest);
+/* Paged write: page k copies page_size bytes from src + src_stride * src_idx[k]
+ * to raddr + dst_stride * dst_idx[k], with imm (if >= 0) delivered once per
+ * page.  The index arrays are copied; indices must be checked by the caller.
+ * One completion record (id) when every page has completed or failed. */
+int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, void *desc, uint64_t dest,
+                    uint64_t raddr, uint64_t rkey, uint64_t page_size, uint64_t src_stride,
+                    uint64_t dst_stride, const int64_t *src_idx, const int64_t *dst_idx,
+                    uint64_t n, int64_t imm);
 const void *afc_recv_buf(afc_engine *e, uint32_t slot);
 int afc_recv_release(afc_engine *e, uint32_t slot);
 

@@ -20,6 +20,18 @@
 #define AFC_CQ_BATCH 32
 #define AFC_SQ_BUDGET 64 /* posts per worker pass before the CQ is read again */
 
+/* A paged write in progress (owned by the worker once queued). */
+struct afc_batch {
+    struct afc_batch *prev, *next_live; /* engine's list of live batches (dom_lock) */
+    uint64_t id;
+    uint64_t n, posted, remaining;
+    int32_t err, prov_err;
+    uint64_t src, raddr, rkey, page, sstride, dstride, dest;
+    void *desc;
+    int64_t imm;
+    int64_t *sidx, *didx;
+};
+
 /* One submission: what Python asked for, copied by value. */
 struct afc_sqe {
     uint32_t kind;
@@ -32,6 +44,7 @@ struct afc_sqe {
     uint64_t raddr;
     uint64_t rkey;
     int64_t imm;
+    struct afc_batch *batch; /* AFC_OP_PAGES */
 };
 
 /* An operation at the provider; its address is the libfabric context. */
@@ -40,6 +53,7 @@ struct afc_op {
     uint64_t id;
     uint32_t kind;
     uint32_t slot;
+    struct afc_batch *batch; /* AFC_OP_PAGES: the paged write this page belongs to */
 };
 
 struct afc_mr {
@@ -83,6 +97,8 @@ struct afc_engine {
     atomic_uint_fast64_t ev_head, ev_tail;
     atomic_int armed;
 
+    struct afc_batch *batches; /* live paged writes (dom_lock), freed at close */
+
     /* Operation pool (dom_lock). */
     struct afc_op *ops;
     uint32_t *op_free;
@@ -109,6 +125,7 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s);
 int afc_post_recv(afc_engine *e, uint32_t slot);
 void afc_wake_worker(afc_engine *e);
 void afc_notify_loop(afc_engine *e); /* wake the event loop if it is armed */
+void afc_batch_free(afc_engine *e, struct afc_batch *b); /* dom_lock held */
 int afc_ev_push(afc_engine *e, uint64_t id, int32_t kind, int32_t err, uint64_t data,
                 uint64_t aux);
 

@@ -275,6 +275,8 @@ void afc_close(afc_engine *e)
     close_fid(e->cq ? &e->cq->fid : NULL);
     close_fid(e->domain ? &e->domain->fid : NULL);
     close_fid(e->fabric ? &e->fabric->fid : NULL);
+    while (e->batches)
+        afc_batch_free(e, e->batches);
     if (e->info)
         fi_freeinfo(e->info);
     if (e->wake_fd >= 0)
@@ -413,7 +415,7 @@ static int submit(afc_engine *e, const struct afc_sqe *s)
 {
     if (atomic_load_explicit(&e->stop, memory_order_relaxed))
         return -FI_ESHUTDOWN;
-    if (e->cfg.direct_post && afc_sq_empty(e)) {
+    if (e->cfg.direct_post && s->kind != AFC_OP_PAGES && afc_sq_empty(e)) {
         uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
         pthread_mutex_lock(&e->dom_lock);
         int rc = afc_post_sqe(e, s);
@@ -468,6 +470,40 @@ int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen, const cha
         pthread_mutex_lock(&e->sq_lock);
         e->send_free[e->n_send_free++] = slot;
         pthread_mutex_unlock(&e->sq_lock);
+    }
+    return rc;
+}
+
+int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, void *desc, uint64_t dest, uint64_t raddr,
+                    uint64_t rkey, uint64_t page_size, uint64_t src_stride, uint64_t dst_stride,
+                    const int64_t *src_idx, const int64_t *dst_idx, uint64_t n, int64_t imm)
+{
+    if (n == 0 || page_size == 0)
+        return -FI_EINVAL;
+    struct afc_batch *b = calloc(1, sizeof *b);
+    int64_t *idx = malloc(2 * n * sizeof *idx);
+    if (!b || !idx) {
+        free(b);
+        free(idx);
+        return -FI_ENOMEM;
+    }
+    memcpy(idx, src_idx, n * sizeof *idx);
+    memcpy(idx + n, dst_idx, n * sizeof *idx);
+    *b = (struct afc_batch){.id = id, .n = n, .remaining = n, .src = src, .raddr = raddr, .rkey = rkey,
+                            .page = page_size, .sstride = src_stride, .dstride = dst_stride,
+                            .dest = dest, .desc = desc, .imm = imm, .sidx = idx, .didx = idx + n};
+    pthread_mutex_lock(&e->dom_lock);
+    b->next_live = e->batches;
+    if (e->batches)
+        e->batches->prev = b;
+    e->batches = b;
+    pthread_mutex_unlock(&e->dom_lock);
+    struct afc_sqe s = {.kind = AFC_OP_PAGES, .id = id, .imm = imm, .batch = b};
+    int rc = submit(e, &s); /* paged writes always go through the worker */
+    if (rc) { /* not queued: nothing else references the batch */
+        pthread_mutex_lock(&e->dom_lock);
+        afc_batch_free(e, b);
+        pthread_mutex_unlock(&e->dom_lock);
     }
     return rc;
 }

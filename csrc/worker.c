@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/prctl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <time.h>
@@ -92,10 +93,82 @@ int afc_post_recv(afc_engine *e, uint32_t slot)
                         &op->ctx);
 }
 
-/* Post one submission (dom_lock held).  0, -FI_EAGAIN (try again later), or
- * another error that has been turned into an AFC_EV_ERROR record. */
+void afc_batch_free(afc_engine *e, struct afc_batch *b)
+{
+    if (b->prev)
+        b->prev->next_live = b->next_live;
+    else
+        e->batches = b->next_live;
+    if (b->next_live)
+        b->next_live->prev = b->prev;
+    free(b->sidx);
+    free(b);
+}
+
+/* Every page of the batch has completed or failed: one record for Python. */
+static void batch_done(afc_engine *e, struct afc_batch *b)
+{
+    if (b->err)
+        afc_ev_push(e, b->id, AFC_EV_ERROR, b->err, (uint64_t)(int64_t)b->prov_err, 0);
+    else
+        afc_ev_push(e, b->id, AFC_EV_DONE, 0, 0, 0);
+    afc_batch_free(e, b);
+}
+
+/* Post the next pages of a paged write (dom_lock held).  0 when every page is
+ * posted (the submission is consumed), AFC_PARTIAL when some wait for room. */
+#define AFC_PARTIAL 1
+static int post_pages(afc_engine *e, struct afc_batch *b)
+{
+    int budget = AFC_SQ_BUDGET;
+    while (b->posted < b->n && budget-- > 0) {
+        struct afc_op *op = op_get(e);
+        if (!op)
+            return AFC_PARTIAL;
+        uint64_t k = b->posted;
+        const void *src = (const void *)(uintptr_t)(b->src + b->sstride * (uint64_t)b->sidx[k]);
+        uint64_t dst = b->raddr + b->dstride * (uint64_t)b->didx[k];
+        op->id = b->id;
+        op->kind = AFC_OP_PAGES;
+        op->batch = b;
+        ssize_t rc = b->imm >= 0
+                         ? fi_writedata(e->ep, src, b->page, b->desc, (uint64_t)b->imm, b->dest, dst,
+                                        b->rkey, &op->ctx)
+                         : fi_write(e->ep, src, b->page, b->desc, b->dest, dst, b->rkey, &op->ctx);
+        if (rc == 0) {
+            b->posted++;
+            STAT_ADD(e, writes_posted, 1);
+            STAT_ADD(e, bytes_posted, b->page);
+            continue;
+        }
+        op_put(e, op);
+        if (rc == -FI_EAGAIN) {
+            STAT_ADD(e, eagain, 1);
+            return AFC_PARTIAL;
+        }
+        /* Hard failure: the pages not yet posted fail with it. */
+        STAT_ADD(e, errors, 1);
+        if (!b->err)
+            b->err = (int32_t)-rc;
+        b->remaining -= b->n - b->posted;
+        b->posted = b->n;
+        if (b->remaining == 0)
+            batch_done(e, b);
+        return 0;
+    }
+    return b->posted < b->n ? AFC_PARTIAL : 0;
+}
+
+/* Post one submission (dom_lock held).  0, -FI_EAGAIN (try again later),
+ * AFC_PARTIAL (a paged write is partly posted), or another error that has
+ * been turned into an AFC_EV_ERROR record. */
 int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
 {
+    if (s->kind == AFC_OP_PAGES) {
+        if (ev_room(e) < AFC_CQ_BATCH + 2)
+            return -FI_EAGAIN;
+        return post_pages(e, s->batch);
+    }
     if (s->kind == AFC_OP_REPOST) {
         int rc = afc_post_recv(e, s->slot);
         if (rc == -FI_EAGAIN)
@@ -153,7 +226,8 @@ static int submit_queued(afc_engine *e)
         uint64_t tail = atomic_load_explicit(&e->sq_tail, memory_order_acquire);
         if (head == tail)
             break;
-        if (afc_post_sqe(e, &e->sq[head & e->sq_mask]) == -FI_EAGAIN)
+        int rc = afc_post_sqe(e, &e->sq[head & e->sq_mask]);
+        if (rc == -FI_EAGAIN || rc == AFC_PARTIAL)
             break;
         head++;
         n++;
@@ -164,6 +238,21 @@ static int submit_queued(afc_engine *e)
 
 static void complete_op(afc_engine *e, struct afc_op *op, int err, int prov_errno)
 {
+    if (op->kind == AFC_OP_PAGES) {
+        struct afc_batch *b = op->batch;
+        STAT_ADD(e, completions, 1);
+        if (err) {
+            STAT_ADD(e, errors, 1);
+            if (!b->err) {
+                b->err = err;
+                b->prov_err = prov_errno;
+            }
+        }
+        op_put(e, op);
+        if (--b->remaining == 0 && b->posted == b->n)
+            batch_done(e, b);
+        return;
+    }
     if (err) {
         STAT_ADD(e, errors, 1);
         afc_ev_push(e, op->id, AFC_EV_ERROR, err, (uint64_t)(int64_t)prov_errno, 0);
