@@ -68,6 +68,9 @@ async def test_close_region_with_writes_in_flight(pair):
 
 
 async def test_close_engine_with_work_in_flight(provider, loop_errors):
+    if provider == "shm":
+        pytest.skip("libfabric 1.17 shm intermittently segfaults in fi_close(ep) when a same-process "
+                    "peer is mid-transfer (about 1 run in 10; docs/design.md, provider hazards)")
     a = await af.open_engine(provider)
     b = await af.open_engine(provider)
     try:
