@@ -232,9 +232,7 @@ class TransferEngine:
         if len(sidx) == 0:
             fut.set_result(None)
             return fut
-        dest = self._peers.get(dst.owner._body.nics[0].name)
-        if dest is None:
-            dest = self._fi_addr(dst.owner)
+        dest = self._fi_addr(dst.owner)
         i = self._next_id()
         check(lib.afc_write_pages(
             self._h, i, region._ptr + off, region._desc, dest, dst.addr, dst.keys[0], page, sstride, dstride,
