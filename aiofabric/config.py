@@ -8,7 +8,8 @@ from .memory import Address
 __all__ = ["EngineConfig", "EngineStatistics", "Message", "NATIVE_FIELDS"]
 
 NATIVE_FIELDS = frozenset(
-    "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post".split()
+    "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post "
+    "max_peers stripe_threshold".split()
 )
 
 
@@ -31,6 +32,12 @@ class EngineConfig:
         the eventfd alone; trades CPU for latency (0: off).
     close_timeout: seconds ``aclose()`` lets operations in flight finish
         before it fails them.
+    max_peers: how many peer engines this engine can address.
+    stripe_threshold: a single write of at least this many bytes to a peer
+        reached over several NIC paths is split into one shard per path
+        (shards rounded up to 4 KiB).  It still delivers exactly one
+        immediate: the shards go first and a zero-byte write carrying the
+        immediate follows once all of them are delivered (see docs/multi-nic.md).
     """
 
     msg_size: int = 65536
@@ -45,6 +52,8 @@ class EngineConfig:
     direct_post: bool = False
     loop_spin_us: int = 200
     close_timeout: float = 2.0
+    max_peers: int = 4096
+    stripe_threshold: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class EngineStatistics:
     """A snapshot of an engine's counts (``engine.statistics()``)."""
 
     provider: str
+    bytes_per_nic: tuple[int, ...]
     writes_posted: int
     bytes_posted: int
     sends_posted: int

@@ -30,9 +30,10 @@ _EV_BATCH = 256
 
 
 class TransferEngine:
-    """One native worker driving one NIC (a DomainGroup of one, for now).
+    """One native worker driving a DomainGroup of 1–4 NICs.
 
     Open it with :func:`open_engine`; use it from the event loop that opened it.
+    ``nics`` names the NICs (libfabric domains) in rail order.
     """
 
     def __init__(self, handle: Any, loop: asyncio.AbstractEventLoop, config: EngineConfig) -> None:
@@ -40,20 +41,28 @@ class TransferEngine:
         self._loop = loop
         self.config = config
         info = ffi.new("struct afc_info *")
-        lib.afc_get_info(handle, info)
+        domains, names, waits = [], [], []
+        for r in range(lib.afc_n_rails(handle)):
+            lib.afc_get_info(handle, r, info)
+            domains.append(ffi.string(info.domain).decode())
+            waits.append(bool(info.wait_fd))
+            name = ffi.new("char[]", lib.AFC_ADDR_MAX)
+            size = ffi.new("size_t *", lib.AFC_ADDR_MAX)
+            check(lib.afc_local_addr(handle, r, name, size), "fi_getname")
+            names.append(bytes(ffi.buffer(name, size[0])))
+        lib.afc_get_info(handle, 0, info)
         self.provider = ffi.string(info.provider).decode()
         self.fabric = ffi.string(info.fabric).decode()
-        self.domain = ffi.string(info.domain).decode()
+        #: the NICs (libfabric domain names) of this engine's DomainGroup, in rail order
+        self.nics: tuple[str, ...] = tuple(domains)
+        self.domain = domains[0]
         self.mr_mode = int(info.mr_mode)
-        self.blocking_wait = bool(info.wait_fd)
-        name = ffi.new("char[]", lib.AFC_ADDR_MAX)
-        size = ffi.new("size_t *", lib.AFC_ADDR_MAX)
-        check(lib.afc_local_addr(handle, name, size), "fi_getname")
-        self._nic_name = bytes(ffi.buffer(name, size[0]))
+        self.blocking_wait = all(waits)
         self._closed = False
         self._next_id = itertools.count(1).__next__
         self._pending: dict[int, tuple[asyncio.Future[None], Any]] = {}
-        self._peers: dict[bytes, int] = {}
+        self._peers: dict[Address, int] = {}
+        self._keybufs: dict[tuple[int, ...], Any] = {}
         self._counters: dict[int, ImmCounter] = {}
         self._messages: deque[Message] = deque()
         self._recv_waiters: deque[asyncio.Future[Message]] = deque()
@@ -75,11 +84,12 @@ class TransferEngine:
         check(lib.afc_random_u64(incarnation), "getrandom")
         db_cdata = ffi.from_buffer(self._doorbell_buf, require_writable=True)
         self._doorbell = self._register_raw(db_cdata, 64, lib.FI_REMOTE_WRITE | lib.FI_WRITE)
-        db_mr, self._doorbell_desc, db_key, db_base = self._doorbell
+        db_mr, db_keys, db_base = self._doorbell
         self._doorbell_ptr = int(ffi.cast("uintptr_t", db_cdata))
         self._doorbell_cdata = db_cdata
         self.address = Address(
-            wire.AddressBody(self.provider, incarnation[0], (wire.NicAddress(self._nic_name, db_base, db_key),),
+            wire.AddressBody(self.provider, incarnation[0],
+                             tuple(wire.NicAddress(n, db_base, k) for n, k in zip(names, db_keys)),
                              config.msg_size)
         )
         self._msg_header = wire.encode_msg_header(self.address.to_bytes())
@@ -89,13 +99,13 @@ class TransferEngine:
 
     # -- memory -------------------------------------------------------------
 
-    def _register_raw(self, cdata: Any, nbytes: int, access: int) -> tuple[Any, Any, int, int]:
+    def _register_raw(self, cdata: Any, nbytes: int, access: int) -> tuple[Any, tuple[int, ...], int]:
+        """Register on every NIC: (handle, one key per NIC, remote base address)."""
         out = ffi.new("afc_mr **")
-        key = ffi.new("uint64_t *")
+        keys = ffi.new("uint64_t[]", lib.AFC_MAX_RAILS)
         base = ffi.new("uint64_t *")
-        check(lib.afc_mr_reg(self._h, cdata, nbytes, access, out, key, base), f"register({nbytes} bytes)")
-        mr = out[0]
-        return mr, lib.afc_mr_desc(mr), int(key[0]), int(base[0])
+        check(lib.afc_mr_reg(self._h, cdata, nbytes, access, out, keys, base), f"register({nbytes} bytes)")
+        return out[0], tuple(int(k) for k in keys[0 : len(self.nics)]), int(base[0])
 
     def register(self, buf: Any, *, remote_write: bool = True, remote_read: bool = False) -> MemoryRegion:
         """Register a buffer-protocol object (bytearray, mmap, numpy array, ...).
@@ -132,7 +142,7 @@ class TransferEngine:
             access |= lib.FI_REMOTE_READ
         ptr = int(ffi.cast("uintptr_t", cdata))
         region = MemoryRegion(self, buf, cdata, ptr, nbytes, readonly, bool(remote_write), bool(remote_read))
-        region._mr, region._desc, region._key, base = self._register_raw(cdata, nbytes, access)
+        region._mr, region._keys, base = self._register_raw(cdata, nbytes, access)
         region._remote_base = base
         self._regions.add(region)
         return region
@@ -145,18 +155,39 @@ class TransferEngine:
 
     # -- addressing ---------------------------------------------------------
 
-    def _fi_addr(self, owner: Address) -> int:
-        name = owner._body.nics[0].name
-        a = self._peers.get(name)
-        if a is None:
+    def _peer(self, owner: Address) -> int:
+        """The native peer number of ``owner`` (inserting its NICs' addresses
+        into ours on first use)."""
+        p = self._peers.get(owner)
+        if p is None:
             if owner.provider != self.provider:
                 raise ValueError(f"peer uses provider {owner.provider!r}, this engine {self.provider!r}")
-            out = ffi.new("uint64_t *")
-            rc = lib.afc_av_insert(self._h, name, len(name), out)
+            names = [nic.name for nic in owner._body.nics]
+            out = ffi.new("uint32_t *")
+            rc = lib.afc_peer_add(self._h, b"".join(names), [len(n) for n in names], len(names), out)
+            if rc == -lib.FI_ENOSPC:
+                raise ValueError(f"more than max_peers={self.config.max_peers} peers")
             if rc < 0:
                 raise ProtocolError(f"peer address rejected by {self.provider}: {strerror(-rc)}")
-            a = self._peers[name] = int(out[0])
-        return a
+            p = self._peers[owner] = int(out[0])
+        return p
+
+    def _keybuf(self, keys: tuple[int, ...]) -> Any:
+        """The C array of a descriptor's keys (cached: writes reuse descriptors)."""
+        kb = self._keybufs.get(keys)
+        if kb is None:
+            if len(self._keybufs) >= 1 << 16:
+                self._keybufs.clear()
+            kb = self._keybufs[keys] = ffi.new("uint64_t[]", keys)
+        return kb
+
+    def paths(self, peer: Address) -> int:
+        """How many NIC paths lead to ``peer``: max(our NICs, its NICs).  A
+        striped write or paged write is spread over these."""
+        if type(peer) is not Address:
+            raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
+        self._check_open()
+        return int(lib.afc_peer_paths(self._h, self._peer(peer)))
 
     # -- transfers ----------------------------------------------------------
 
@@ -197,11 +228,14 @@ class TransferEngine:
             v = imm
         else:
             raise _bad_imm(imm)
-        dest = self._peers.get(dst.owner._body.nics[0].name)
+        dest = self._peers.get(dst.owner)
         if dest is None:
-            dest = self._fi_addr(dst.owner)
+            dest = self._peer(dst.owner)
+        kb = self._keybufs.get(dst.keys)
+        if kb is None:
+            kb = self._keybuf(dst.keys)
         i = self._next_id()
-        rc = lib.afc_write(self._h, i, region._ptr + off, n, region._desc, dest, dst.addr, dst.keys[0], v)
+        rc = lib.afc_write(self._h, i, region._ptr + off, n, region._mr, dest, dst.addr, kb, v)
         if rc:
             check(rc, "write")
         fut = self._loop.create_future()
@@ -232,10 +266,11 @@ class TransferEngine:
         if len(sidx) == 0:
             fut.set_result(None)
             return fut
-        dest = self._fi_addr(dst.owner)
+        dest = self._peer(dst.owner)
         i = self._next_id()
         check(lib.afc_write_pages(
-            self._h, i, region._ptr + off, region._desc, dest, dst.addr, dst.keys[0], page, sstride, dstride,
+            self._h, i, region._ptr + off, region._mr, dest, dst.addr, self._keybuf(dst.keys), page, sstride,
+            dstride,
             ffi.from_buffer("int64_t[]", sidx), ffi.from_buffer("int64_t[]", didx), len(sidx), v), "write_pages")
         self._pending[i] = (fut, region)
         region._inflight += 1
@@ -250,7 +285,7 @@ class TransferEngine:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise TypeError(f"pairs[{k}] must be a (src, dst) tuple")
             self._check_write(*pair, imm)
-            self._fi_addr(pair[1].owner)
+            self._peer(pair[1].owner)
         return asyncio.gather(*(self.write(s, d, imm=imm) for s, d in pairs))
 
     def barrier(self, peers: Any, imm: int) -> asyncio.Future[list[None]]:
@@ -261,7 +296,7 @@ class TransferEngine:
         for k, p in enumerate(peers):
             if type(p) is not Address:
                 raise TypeError(f"peers[{k}] must be an Address, not {type(p).__name__}")
-            self._fi_addr(p)
+            self._peer(p)
         return asyncio.gather(*(self.notify(p, imm) for p in peers))
 
     def _src(self, src: Any) -> tuple[MemoryRegion, int]:
@@ -304,13 +339,13 @@ class TransferEngine:
             raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
         if type(imm) is not int or not 0 <= imm <= _U32:
             raise _bad_imm(imm)
-        nic = peer._body.nics[0]
-        dest = self._peers.get(nic.name)
+        nics = peer._body.nics
+        dest = self._peers.get(peer)
         if dest is None:
-            dest = self._fi_addr(peer)
+            dest = self._peer(peer)
         i = self._next_id()
-        check(lib.afc_write(self._h, i, self._doorbell_ptr, 0, self._doorbell_desc, dest,
-                            nic.doorbell_addr, nic.doorbell_key, imm), "notify")
+        check(lib.afc_write(self._h, i, self._doorbell_ptr, 0, self._doorbell[0], dest, nics[0].doorbell_addr,
+                            self._keybuf(tuple(n.doorbell_key for n in nics)), imm), "notify")
         fut = self._loop.create_future()
         self._pending[i] = (fut, None)
         return fut
@@ -330,7 +365,7 @@ class TransferEngine:
                 f"{self.max_message_size}, the peer receives frames of up to {peer._body.max_frame}); "
                 "write large payloads into a registered region instead"
             )
-        dest = self._fi_addr(peer)
+        dest = self._peer(peer)
         i = self._next_id()
         fut = self._loop.create_future()
         self._pending[i] = (fut, None)
@@ -491,6 +526,7 @@ class TransferEngine:
         vals = {f.name: int(getattr(s, f.name)) for f in fields(EngineStatistics) if hasattr(s, f.name)}
         return EngineStatistics(
             provider=self.provider,
+            bytes_per_nic=tuple(int(s.rail_bytes[r]) for r in range(len(self.nics))),
             queued=int(s.sq_depth) + len(self._send_backlog),
             pending_futures=len(self._pending),
             regions=len(self._regions),
@@ -551,7 +587,7 @@ class TransferEngine:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<TransferEngine {self.provider} {self.domain} {state}>"
+        return f"<TransferEngine {self.provider} {'+'.join(self.nics)} {state}>"
 
 
 class _Orphan:

@@ -130,7 +130,7 @@ class MemoryRegion:
 
     __slots__ = (
         "engine", "obj", "nbytes", "remote_write", "remote_read", "readonly",
-        "_cdata", "_ptr", "_mr", "_desc", "_key", "_remote_base", "_inflight", "_closed", "_descriptor",
+        "_cdata", "_ptr", "_mr", "_keys", "_remote_base", "_inflight", "_closed", "_descriptor",
         "__weakref__",
     )
 
@@ -145,8 +145,7 @@ class MemoryRegion:
         self._cdata = cdata  # keeps the exported buffer alive
         self._ptr = ptr
         self._mr: Any = None
-        self._desc: Any = None
-        self._key = 0
+        self._keys: tuple[int, ...] = ()
         self._remote_base = 0
         self._inflight = 0
         self._closed = False
@@ -177,7 +176,7 @@ class MemoryRegion:
             raise ValueError("region was registered without remote access; it has no descriptor")
         if self._descriptor is None:
             self._descriptor = RegionDescriptor(
-                self.engine.address, self._remote_base, self.nbytes, (self._key,)
+                self.engine.address, self._remote_base, self.nbytes, self._keys
             )
         return self._descriptor
 
@@ -194,7 +193,7 @@ class MemoryRegion:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"key={self._key:#x}"
+        state = "closed" if self._closed else "keys=" + ",".join(f"{k:#x}" for k in self._keys)
         return f"<MemoryRegion {self.nbytes} bytes at {self._ptr:#x} {state}>"
 
 

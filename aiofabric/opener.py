@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import fields
 from typing import Any
 
@@ -12,6 +13,19 @@ from .errors import UnavailableError
 from .providers import default_provider
 
 __all__ = ["open_engine"]
+
+MAX_RAILS = 4
+
+
+def _domain_name(spec: str) -> str:
+    """A NIC named by an IPv4 address is the interface that has it."""
+    try:
+        ipaddress.IPv4Address(spec)
+    except ValueError:
+        return spec
+    from .nics import resolve
+
+    return resolve(spec)
 
 
 class _Opener:
@@ -44,8 +58,11 @@ def open_engine(provider: str | None = None, nics: list[str] | None = None,
     """Open a TransferEngine on ``provider`` (None: the best available, see
     :func:`aiofabric.providers.default_provider`).
 
-    ``nics`` names the NIC (libfabric domain, e.g. ``"lo"`` or ``"mlx5_0"``);
-    one for now.  Keyword settings override fields of :class:`EngineConfig`.
+    ``nics`` lists the 1–4 NICs of the engine's DomainGroup, by libfabric
+    domain name (``"mlx5_0"``, ``"rdmap16s27"``; for tcp the interface name,
+    ``"eth0"``) or by an IPv4 address of the interface.  A name may repeat:
+    two rails on one NIC (useful for tests).  None: one NIC, the provider's
+    first.  Keyword settings override fields of :class:`EngineConfig`.
     Raises UnavailableError when the provider or NIC is missing.
     """
     if config is None:
@@ -61,8 +78,11 @@ def open_engine(provider: str | None = None, nics: list[str] | None = None,
     if nics is not None:
         if isinstance(nics, str) or not all(isinstance(n, str) for n in nics):
             raise TypeError("nics must be a list of interface or domain names")
-        if len(nics) != 1:
-            raise ValueError("this version drives exactly one NIC per engine")
+        nics = list(nics)
+        if not 1 <= len(nics) <= MAX_RAILS:
+            raise ValueError(f"an engine drives 1 to {MAX_RAILS} NICs, got {len(nics)}")
+        if not all(nics):
+            raise ValueError("NIC names must be non-empty")
     return _Opener(provider, nics, config)
 
 
@@ -76,15 +96,19 @@ def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[
         v = getattr(config, name)
         if v <= 0 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}")
+    for name in ("max_peers", "stripe_threshold"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
     if config.msg_size < 1024:
         raise ValueError("msg_size must be at least 1024")
     cfg = ffi.new("struct afc_config *")
     lib.afc_default_config(cfg)
     keep = [ffi.new("char[]", provider.encode())]
     cfg.provider = keep[0]
-    if nics:
-        keep.append(ffi.new("char[]", nics[0].encode()))
-        cfg.domain = keep[-1]
+    for r, name in enumerate(nics or ()):
+        keep.append(ffi.new("char[]", _domain_name(name).encode()))
+        cfg.domains[r] = keep[-1]
+    cfg.n_domains = len(nics or ())
     for f in fields(config):
         if f.name in NATIVE_FIELDS:
             setattr(cfg, f.name, int(getattr(config, f.name)))

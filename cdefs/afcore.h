@@ -13,10 +13,12 @@
 #define AFC_OP_PAGES 4
 
 #define AFC_ADDR_MAX 256  /* largest endpoint name we accept */
+#define AFC_MAX_RAILS 4   /* NICs per engine (DomainGroup) */
 
 struct afc_config {
     const char *provider;      /* libfabric provider name, NULL: first that fits */
-    const char *domain;        /* domain (NIC) name, NULL: any */
+    const char *domains[4];    /* domain (NIC) names, one per rail (repeats allowed) */
+    uint32_t n_domains;        /* 0: one rail on the provider's first domain */
     const char *node;          /* address to bind, NULL: provider default */
     uint32_t msg_size;         /* largest two-sided message, header included */
     uint32_t recv_slots;       /* receive buffers kept posted */
@@ -28,6 +30,8 @@ struct afc_config {
     uint32_t wait_spin_us;     /* ... and this long while Python awaits inbound traffic */
     uint32_t idle_ms;          /* longest block when idle (progress still runs this often) */
     uint32_t direct_post;      /* 1: the calling thread posts; 0: the worker posts */
+    uint32_t max_peers;        /* size of the peer table */
+    uint64_t stripe_threshold;       /* single writes of at least this many bytes are striped */
 };
 
 struct afc_event {
@@ -67,6 +71,7 @@ struct afc_stats {
     uint64_t worker_wakeups;
     uint64_t sq_depth;
     uint64_t ops_in_flight;
+    uint64_t rail_bytes[4];    /* bytes posted on each rail */
 };
 
 typedef struct afc_engine afc_engine;
@@ -77,29 +82,46 @@ int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_
 void afc_stop(afc_engine *e);   /* stop the worker, close the endpoint */
 void afc_close(afc_engine *e);  /* afc_stop, then free everything */
 int afc_event_fd(afc_engine *e);
-void afc_get_info(afc_engine *e, struct afc_info *out);
-int afc_local_addr(afc_engine *e, void *buf, size_t *len);
+uint32_t afc_n_rails(afc_engine *e);
+void afc_get_info(afc_engine *e, uint32_t rail, struct afc_info *out);
+int afc_local_addr(afc_engine *e, uint32_t rail, void *buf, size_t *len);
 void afc_get_stats(afc_engine *e, struct afc_stats *out);
 
-int afc_av_insert(afc_engine *e, const void *addr, size_t len, uint64_t *fi_addr);
-int afc_av_remove(afc_engine *e, uint64_t fi_addr);
+/* A peer engine: its endpoint names, one per rail (names[i] of lens[i]
+ * bytes, concatenated).  Inserts them into our rails' address vectors and
+ * returns a peer number for the calls below. */
+int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_t n_rails,
+                 uint32_t *peer);
+int afc_peer_remove(afc_engine *e, uint32_t peer);
+uint32_t afc_peer_paths(afc_engine *e, uint32_t peer);
 
+/* Register on every rail; keys[i] is rail i's key. */
 int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access,
-               afc_mr **out, uint64_t *key, uint64_t *remote_base);
-void *afc_mr_desc(afc_mr *mr);
+               afc_mr **out, uint64_t *keys, uint64_t *remote_base);
 int afc_mr_close(afc_mr *mr);
 
-/* Post (or queue) work.  0 on success, -FI_EAGAIN when the queue is full. */
-int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, void *desc,
-              uint64_t dest, uint64_t raddr, uint64_t rkey, int64_t imm);
+/* Post (or queue) work.  0 on success, -FI_EAGAIN when the queue is full.
+ * rkeys[i] is the key of the target region on the peer's rail i.
+ * A write of at least cfg.stripe_threshold bytes to a peer with several paths is
+ * striped, one shard per path; with imm, the shards are written first and
+ * one zero-byte write carrying imm follows once all have been delivered, so
+ * a write delivers exactly one immediate however it is split.  Shorter
+ * writes take the peer's paths in turn.  path >= 0 pins the path. */
+int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, afc_mr *mr,
+              uint32_t peer, uint64_t raddr, const uint64_t *rkeys, int64_t imm);
+int afc_write_path(afc_engine *e, uint64_t id, uint64_t src, size_t len, afc_mr *mr,
+                   uint32_t peer, int32_t path, uint64_t raddr, const uint64_t *rkeys,
+                   int64_t imm);
+/* Two-sided messages travel on rail 0. */
 int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen,
-             const char *data, size_t len, uint64_t dest);
+             const char *data, size_t len, uint32_t peer);
 /* Paged write: page k copies page_size bytes from src + src_stride * src_idx[k]
  * to raddr + dst_stride * dst_idx[k], with imm (if >= 0) delivered once per
- * page.  The index arrays are copied; indices must be checked by the caller.
+ * page.  The page list is cut into one contiguous range per path.  The index
+ * arrays are copied; indices must be checked by the caller.
  * One completion record (id) when every page has completed or failed. */
-int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, void *desc, uint64_t dest,
-                    uint64_t raddr, uint64_t rkey, uint64_t page_size, uint64_t src_stride,
+int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, afc_mr *mr, uint32_t peer,
+                    uint64_t raddr, const uint64_t *rkeys, uint64_t page_size, uint64_t src_stride,
                     uint64_t dst_stride, const int64_t *src_idx, const int64_t *dst_idx,
                     uint64_t n, int64_t imm);
 const void *afc_recv_buf(afc_engine *e, uint32_t slot);

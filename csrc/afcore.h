@@ -19,17 +19,29 @@
 
 #define AFC_CQ_BATCH 32
 #define AFC_SQ_BUDGET 64 /* posts per worker pass before the CQ is read again */
+#define AFC_OP_FENCE 16  /* the trailing immediate of a striped write */
 
-/* A paged write in progress (owned by the worker once queued). */
+/* A multi-part operation (owned by the worker once queued): a paged write,
+ * whose pages are split into one contiguous range per path, or a single write
+ * striped over the paths, one shard per path. */
+#define AFC_BATCH_PAGES 1
+#define AFC_BATCH_STRIPE 2
 struct afc_batch {
     struct afc_batch *prev, *next_live; /* engine's list of live batches (dom_lock) */
+    struct afc_batch *next_fence;       /* engine's list of fences waiting to be posted */
     uint64_t id;
+    uint32_t kind, peer;
     uint64_t n, posted, remaining;
     int32_t err, prov_err;
-    uint64_t src, raddr, rkey, page, sstride, dstride, dest;
-    void *desc;
+    uint64_t src, raddr, page, len, sstride, dstride;
+    uint64_t rkeys[AFC_MAX_RAILS];
+    afc_mr *mr;
     int64_t imm;
     int64_t *sidx, *didx;
+    uint64_t cur[AFC_MAX_RAILS], end[AFC_MAX_RAILS]; /* PAGES: each path's range */
+    uint32_t rr;                                     /* PAGES: next path to post on */
+    struct afc_op *fence; /* STRIPE with imm: the op reserved for the trailing immediate */
+    int fence_posted;
 };
 
 /* One submission: what Python asked for, copied by value. */
@@ -39,10 +51,11 @@ struct afc_sqe {
     uint64_t id;
     const void *src;
     size_t len;
-    void *desc;
-    uint64_t dest;
+    afc_mr *mr;
+    uint32_t peer;
+    int32_t path; /* -1: the peer's next path */
     uint64_t raddr;
-    uint64_t rkey;
+    uint64_t rkeys[AFC_MAX_RAILS];
     int64_t imm;
     struct afc_batch *batch; /* AFC_OP_PAGES */
 };
@@ -53,24 +66,43 @@ struct afc_op {
     uint64_t id;
     uint32_t kind;
     uint32_t slot;
-    struct afc_batch *batch; /* AFC_OP_PAGES: the paged write this page belongs to */
+    struct afc_batch *batch; /* AFC_OP_PAGES: the batch this piece belongs to */
 };
 
 struct afc_mr {
-    struct fid_mr *mr;
+    struct fid_mr *mr[AFC_MAX_RAILS];
     afc_engine *engine;
 };
 
-struct afc_engine {
+/* One NIC of the DomainGroup. */
+struct afc_rail {
     struct fi_info *info;
     struct fid_fabric *fabric;
     struct fid_domain *domain;
     struct fid_av *av;
     struct fid_cq *cq;
     struct fid_ep *ep;
+    int cq_fd; /* provider's wait fd, -1 when it has none */
+    atomic_uint_fast64_t bytes_posted;
+};
+
+/* A peer engine.  Path p runs from our rail p % n_rails to the peer's rail
+ * p % peer_rails; there are max(ours, theirs) paths, so every NIC on both
+ * sides carries traffic. */
+struct afc_peer {
+    uint32_t live;
+    uint32_t n_rails, n_paths;
+    fi_addr_t addr[AFC_MAX_RAILS]; /* per path, in our rail's AV */
+};
+
+struct afc_engine {
+    struct afc_rail rail[AFC_MAX_RAILS];
+    uint32_t n_rails;
     uint64_t mr_mode;
     uint64_t key_mask;
-    int cq_fd;   /* provider's wait fd, -1 when it has none */
+    int all_wait_fd; /* every rail's CQ has a wait fd: the worker can block */
+    int no_dc;       /* the provider refused FI_DELIVERY_COMPLETE: fence on plain completion */
+    uint32_t rr;     /* next path for a write that is not striped (dom_lock) */
     int wake_fd; /* eventfd: submitters wake a sleeping worker */
     int ev_fd;   /* eventfd: the worker wakes the event loop */
     int epfd;
@@ -97,14 +129,20 @@ struct afc_engine {
     atomic_uint_fast64_t ev_head, ev_tail;
     atomic_int armed;
 
-    struct afc_batch *batches; /* live paged writes (dom_lock), freed at close */
+    struct afc_batch *batches; /* live batches (dom_lock), freed at close */
+    struct afc_batch *fences;  /* stripes whose trailing immediate awaits posting (dom_lock) */
+
+    /* Peers: a fixed table (written by the owning thread under dom_lock). */
+    struct afc_peer *peers;
+    uint32_t *peer_free;
+    uint32_t n_peer_free;
 
     /* Operation pool (dom_lock). */
     struct afc_op *ops;
     uint32_t *op_free;
     uint32_t n_op_free;
 
-    /* Message buffers: one registered block, recv slots then send slots. */
+    /* Message buffers (rail 0): one registered block, recv slots then send slots. */
     char *msg_mem;
     struct fid_mr *msg_mr;
     struct afc_op *recv_ops;
@@ -126,6 +164,7 @@ int afc_post_recv(afc_engine *e, uint32_t slot);
 void afc_wake_worker(afc_engine *e);
 void afc_notify_loop(afc_engine *e); /* wake the event loop if it is armed */
 void afc_batch_free(afc_engine *e, struct afc_batch *b); /* dom_lock held */
+int afc_post_fences(afc_engine *e);                       /* dom_lock held */
 int afc_ev_push(afc_engine *e, uint64_t id, int32_t kind, int32_t err, uint64_t data,
                 uint64_t aux);
 

@@ -28,6 +28,8 @@ void afc_default_config(struct afc_config *cfg)
     cfg->wait_spin_us = 20000;
     cfg->idle_ms = 10;
     cfg->direct_post = 0;
+    cfg->max_peers = 4096;
+    cfg->stripe_threshold = 256 * 1024;
 }
 
 int afc_random_u64(uint64_t *out)
@@ -48,7 +50,7 @@ static int fail(char *errbuf, size_t errlen, int rc, const char *fmt, ...)
 
 static int is_pow2(uint32_t v) { return v && !(v & (v - 1)); }
 
-static struct fi_info *make_hints(const struct afc_config *cfg)
+static struct fi_info *make_hints(const struct afc_config *cfg, const char *domain)
 {
     struct fi_info *h = fi_allocinfo();
     if (!h)
@@ -62,35 +64,34 @@ static struct fi_info *make_hints(const struct afc_config *cfg)
     h->tx_attr->op_flags = 0;
     if (cfg->provider)
         h->fabric_attr->prov_name = strdup(cfg->provider);
-    if (cfg->domain)
-        h->domain_attr->name = strdup(cfg->domain);
+    if (domain)
+        h->domain_attr->name = strdup(domain);
     return h;
 }
 
-static int bind_mr(afc_engine *e, struct fid_mr *mr)
+/* Register on one rail with a random key (unless the provider chooses),
+ * binding to the endpoint where the provider asks for it.  dom_lock held or
+ * not yet shared. */
+static int reg_rail(afc_engine *e, uint32_t r, void *buf, size_t len, uint64_t access,
+                    struct fid_mr **out)
 {
-    if (!(e->mr_mode & FI_MR_ENDPOINT))
-        return 0;
-    int rc = fi_mr_bind(mr, &e->ep->fid, 0);
-    return rc ? rc : fi_mr_enable(mr);
-}
-
-/* Register with a random key (unless the provider chooses), binding to the
- * endpoint where the provider asks for it.  dom_lock held or not yet shared. */
-static int reg_locked(afc_engine *e, void *buf, size_t len, uint64_t access, struct fid_mr **out)
-{
+    struct afc_rail *rl = &e->rail[r];
     int rc = -FI_ENOKEY;
     for (int tries = 0; tries < 16 && rc == -FI_ENOKEY; tries++) {
         uint64_t key = 0;
         if (!(e->mr_mode & FI_MR_PROV_KEY) && afc_random_u64(&key))
             return -FI_EOTHER;
-        rc = fi_mr_reg(e->domain, buf, len, access, 0, key & e->key_mask, 0, out, NULL);
+        rc = fi_mr_reg(rl->domain, buf, len, access, 0, key & e->key_mask, 0, out, NULL);
     }
     if (rc)
         return rc;
-    rc = bind_mr(e, *out);
-    if (rc)
-        fi_close(&(*out)->fid);
+    if (e->mr_mode & FI_MR_ENDPOINT) {
+        rc = fi_mr_bind(*out, &rl->ep->fid, 0);
+        if (!rc)
+            rc = fi_mr_enable(*out);
+        if (rc)
+            fi_close(&(*out)->fid);
+    }
     return rc;
 }
 
@@ -105,10 +106,13 @@ static int alloc_rings(afc_engine *e)
     e->op_free = calloc(c->max_ops, sizeof *e->op_free);
     e->recv_ops = calloc(c->recv_slots, sizeof *e->recv_ops);
     e->send_free = calloc(c->send_slots, sizeof *e->send_free);
+    e->peers = calloc(c->max_peers, sizeof *e->peers);
+    e->peer_free = calloc(c->max_peers, sizeof *e->peer_free);
     if (posix_memalign((void **)&e->msg_mem, 4096,
                        (size_t)(c->recv_slots + c->send_slots) * c->msg_size))
         e->msg_mem = NULL;
-    if (!e->sq || !e->evr || !e->ops || !e->op_free || !e->recv_ops || !e->send_free || !e->msg_mem)
+    if (!e->sq || !e->evr || !e->ops || !e->op_free || !e->recv_ops || !e->send_free || !e->msg_mem ||
+        !e->peers || !e->peer_free)
         return -FI_ENOMEM;
     for (uint32_t i = 0; i < c->max_ops; i++)
         e->op_free[i] = c->max_ops - 1 - i;
@@ -116,6 +120,9 @@ static int alloc_rings(afc_engine *e)
     for (uint32_t i = 0; i < c->send_slots; i++)
         e->send_free[i] = c->send_slots - 1 - i;
     e->n_send_free = c->send_slots;
+    for (uint32_t i = 0; i < c->max_peers; i++)
+        e->peer_free[i] = c->max_peers - 1 - i;
+    e->n_peer_free = c->max_peers;
     return 0;
 }
 
@@ -130,74 +137,102 @@ static int open_fds(afc_engine *e)
     ev.data.fd = e->wake_fd;
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &ev))
         return -errno;
-    if (e->cq_fd >= 0) {
-        ev.data.fd = e->cq_fd;
-        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->cq_fd, &ev))
-            e->cq_fd = -1; /* fall back to timed sleeps */
+    e->all_wait_fd = 1;
+    for (uint32_t r = 0; r < e->n_rails; r++) {
+        struct afc_rail *rl = &e->rail[r];
+        ev.data.fd = rl->cq_fd;
+        if (rl->cq_fd < 0 || epoll_ctl(e->epfd, EPOLL_CTL_ADD, rl->cq_fd, &ev))
+            e->all_wait_fd = 0; /* the worker falls back to timed sleeps */
     }
     return 0;
 }
 
-static int open_cq(afc_engine *e)
+static int open_cq(struct afc_rail *rl)
 {
     struct fi_cq_attr attr = {.format = FI_CQ_FORMAT_DATA, .size = 0, .wait_obj = FI_WAIT_FD};
-    e->cq_fd = -1;
-    if (fi_cq_open(e->domain, &attr, &e->cq, NULL) == 0) {
-        if (fi_control(&e->cq->fid, FI_GETWAIT, &e->cq_fd) == 0 && e->cq_fd >= 0)
+    rl->cq_fd = -1;
+    if (fi_cq_open(rl->domain, &attr, &rl->cq, NULL) == 0) {
+        if (fi_control(&rl->cq->fid, FI_GETWAIT, &rl->cq_fd) == 0 && rl->cq_fd >= 0)
             return 0;
-        fi_close(&e->cq->fid);
-        e->cq_fd = -1;
+        fi_close(&rl->cq->fid);
+        rl->cq_fd = -1;
     }
     attr.wait_obj = FI_WAIT_NONE;
-    return fi_cq_open(e->domain, &attr, &e->cq, NULL);
+    return fi_cq_open(rl->domain, &attr, &rl->cq, NULL);
 }
 
-static int open_fabric(afc_engine *e, const struct afc_config *cfg, char *errbuf, size_t errlen)
+/* Open rail r on the named domain (NULL: the provider's first). */
+static int open_rail(afc_engine *e, uint32_t r, const struct afc_config *cfg, const char *domain,
+                     char *errbuf, size_t errlen)
 {
-    struct fi_info *hints = make_hints(cfg);
+    struct afc_rail *rl = &e->rail[r];
+    struct fi_info *hints = make_hints(cfg, domain);
     if (!hints)
         return fail(errbuf, errlen, -FI_ENOMEM, "fi_allocinfo");
-    int rc = fi_getinfo(FI_VERSION(1, 9), cfg->node, NULL, 0, hints, &e->info);
+    int rc = fi_getinfo(FI_VERSION(1, 9), cfg->node, NULL, 0, hints, &rl->info);
     fi_freeinfo(hints);
     if (rc)
         return fail(errbuf, errlen, rc, "fi_getinfo(provider=%s, domain=%s)",
-                    cfg->provider ? cfg->provider : "any", cfg->domain ? cfg->domain : "any");
-    struct fi_info *fi = e->info;
-    if (cfg->domain) {
+                    cfg->provider ? cfg->provider : "any", domain ? domain : "any");
+    struct fi_info *fi = rl->info;
+    if (domain) {
         /* Not every provider filters on the domain name hint: pick it here. */
-        while (fi && !(fi->domain_attr->name && strcmp(fi->domain_attr->name, cfg->domain) == 0))
+        while (fi && !(fi->domain_attr->name && strcmp(fi->domain_attr->name, domain) == 0))
             fi = fi->next;
         if (!fi)
             return fail(errbuf, errlen, -FI_ENODATA, "provider %s has no NIC (domain) named %s",
-                        cfg->provider ? cfg->provider : "any", cfg->domain);
-        struct fi_info *chosen = fi_dupinfo(fi);
-        fi_freeinfo(e->info);
-        e->info = fi = chosen;
-        if (!fi)
-            return fail(errbuf, errlen, -FI_ENOMEM, "fi_dupinfo");
+                        cfg->provider ? cfg->provider : "any", domain);
     }
-    e->mr_mode = fi->domain_attr->mr_mode;
-    size_t ks = fi->domain_attr->mr_key_size;
-    e->key_mask = ks >= 8 || ks == 0 ? ~0ull : (1ull << (8 * ks)) - 1;
-    if ((rc = fi_fabric(fi->fabric_attr, &e->fabric, NULL)))
+    struct fi_info *chosen = fi_dupinfo(fi);
+    fi_freeinfo(rl->info);
+    rl->info = fi = chosen;
+    if (!fi)
+        return fail(errbuf, errlen, -FI_ENOMEM, "fi_dupinfo");
+    if (r == 0) {
+        e->mr_mode = fi->domain_attr->mr_mode;
+        size_t ks = fi->domain_attr->mr_key_size;
+        e->key_mask = ks >= 8 || ks == 0 ? ~0ull : (1ull << (8 * ks)) - 1;
+    } else if (strcmp(fi->fabric_attr->prov_name, e->rail[0].info->fabric_attr->prov_name) ||
+               (uint64_t)fi->domain_attr->mr_mode != e->mr_mode) {
+        return fail(errbuf, errlen, -FI_EINVAL, "NIC %s uses provider %s, NIC %s %s: one provider per engine",
+                    fi->domain_attr->name, fi->fabric_attr->prov_name,
+                    e->rail[0].info->domain_attr->name, e->rail[0].info->fabric_attr->prov_name);
+    }
+    if ((rc = fi_fabric(fi->fabric_attr, &rl->fabric, NULL)))
         return fail(errbuf, errlen, rc, "fi_fabric");
-    if ((rc = fi_domain(e->fabric, fi, &e->domain, NULL)))
+    if ((rc = fi_domain(rl->fabric, fi, &rl->domain, NULL)))
         return fail(errbuf, errlen, rc, "fi_domain");
     struct fi_av_attr av_attr = {.type = FI_AV_TABLE};
-    if ((rc = fi_av_open(e->domain, &av_attr, &e->av, NULL)))
+    if ((rc = fi_av_open(rl->domain, &av_attr, &rl->av, NULL)))
         return fail(errbuf, errlen, rc, "fi_av_open");
-    if ((rc = open_cq(e)))
+    if ((rc = open_cq(rl)))
         return fail(errbuf, errlen, rc, "fi_cq_open");
-    if ((rc = fi_endpoint(e->domain, fi, &e->ep, NULL)))
+    if ((rc = fi_endpoint(rl->domain, fi, &rl->ep, NULL)))
         return fail(errbuf, errlen, rc, "fi_endpoint");
-    if ((rc = fi_ep_bind(e->ep, &e->av->fid, 0)))
+    if ((rc = fi_ep_bind(rl->ep, &rl->av->fid, 0)))
         return fail(errbuf, errlen, rc, "fi_ep_bind(av)");
-    if ((rc = fi_ep_bind(e->ep, &e->cq->fid, FI_TRANSMIT | FI_RECV)))
+    if ((rc = fi_ep_bind(rl->ep, &rl->cq->fid, FI_TRANSMIT | FI_RECV)))
         return fail(errbuf, errlen, rc, "fi_ep_bind(cq)");
-    if ((rc = fi_enable(e->ep)))
+    if ((rc = fi_enable(rl->ep)))
         return fail(errbuf, errlen, rc, "fi_enable");
+    return 0;
+}
+
+static int open_rails(afc_engine *e, const struct afc_config *cfg, char *errbuf, size_t errlen)
+{
+    if (cfg->n_domains > AFC_MAX_RAILS)
+        return fail(errbuf, errlen, -FI_EINVAL, "%u NICs: at most %d per engine", cfg->n_domains,
+                    AFC_MAX_RAILS);
+    e->n_rails = cfg->n_domains ? cfg->n_domains : 1;
+    for (uint32_t r = 0; r < e->n_rails; r++) {
+        int rc = open_rail(e, r, cfg, cfg->n_domains ? cfg->domains[r] : NULL, errbuf, errlen);
+        if (rc)
+            return rc;
+    }
+    /* Messages use rail 0. */
     size_t msg_bytes = (size_t)(e->cfg.recv_slots + e->cfg.send_slots) * e->cfg.msg_size;
-    if ((rc = reg_locked(e, e->msg_mem, msg_bytes, FI_SEND | FI_RECV, &e->msg_mr)))
+    int rc = reg_rail(e, 0, e->msg_mem, msg_bytes, FI_SEND | FI_RECV, &e->msg_mr);
+    if (rc)
         return fail(errbuf, errlen, rc, "fi_mr_reg(message buffers)");
     for (uint32_t i = 0; i < e->cfg.recv_slots; i++)
         if ((rc = afc_post_recv(e, i)))
@@ -209,14 +244,17 @@ int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_
 {
     *out = NULL;
     if (!is_pow2(cfg->sq_slots) || !is_pow2(cfg->eq_slots) || !cfg->max_ops || !cfg->recv_slots ||
-        !cfg->send_slots || cfg->msg_size < 64)
+        !cfg->send_slots || cfg->msg_size < 64 || !cfg->max_peers || cfg->max_peers > (1u << 24))
         return fail(errbuf, errlen, -FI_EINVAL, "invalid engine configuration");
     afc_engine *e = calloc(1, sizeof *e);
     if (!e)
         return fail(errbuf, errlen, -FI_ENOMEM, "calloc");
     e->cfg = *cfg;
-    e->cfg.provider = e->cfg.domain = e->cfg.node = NULL; /* not owned: used only here */
-    e->wake_fd = e->ev_fd = e->epfd = e->cq_fd = -1;
+    e->cfg.provider = e->cfg.node = NULL; /* not owned: used only here */
+    memset(e->cfg.domains, 0, sizeof e->cfg.domains);
+    e->wake_fd = e->ev_fd = e->epfd = -1;
+    for (int r = 0; r < AFC_MAX_RAILS; r++)
+        e->rail[r].cq_fd = -1;
     atomic_store(&e->armed, 1);
     pthread_mutex_init(&e->dom_lock, NULL);
     pthread_mutex_init(&e->sq_lock, NULL);
@@ -224,7 +262,7 @@ int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_
     if (rc)
         rc = fail(errbuf, errlen, rc, "allocating engine queues");
     if (!rc)
-        rc = open_fabric(e, cfg, errbuf, errlen);
+        rc = open_rails(e, cfg, errbuf, errlen);
     if (!rc && (rc = open_fds(e)))
         rc = fail(errbuf, errlen, -FI_EOTHER, "eventfd/epoll: %s", strerror(-rc));
     if (!rc) {
@@ -257,11 +295,13 @@ void afc_stop(afc_engine *e)
         pthread_join(e->worker, NULL);
         e->worker_started = 0;
     }
-    if (e->ep && e->cq)
+    if (e->rail[0].ep && e->rail[0].cq)
         afc_quiesce(e, 200); /* some providers crash closing an endpoint with work in flight */
-    if (e->ep) {
-        fi_close(&e->ep->fid);
-        e->ep = NULL;
+    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++) {
+        if (e->rail[r].ep) {
+            fi_close(&e->rail[r].ep->fid);
+            e->rail[r].ep = NULL;
+        }
     }
 }
 
@@ -271,14 +311,17 @@ void afc_close(afc_engine *e)
         return;
     afc_stop(e);
     close_fid(e->msg_mr ? &e->msg_mr->fid : NULL);
-    close_fid(e->av ? &e->av->fid : NULL);
-    close_fid(e->cq ? &e->cq->fid : NULL);
-    close_fid(e->domain ? &e->domain->fid : NULL);
-    close_fid(e->fabric ? &e->fabric->fid : NULL);
+    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++) {
+        struct afc_rail *rl = &e->rail[r];
+        close_fid(rl->av ? &rl->av->fid : NULL);
+        close_fid(rl->cq ? &rl->cq->fid : NULL);
+        close_fid(rl->domain ? &rl->domain->fid : NULL);
+        close_fid(rl->fabric ? &rl->fabric->fid : NULL);
+        if (rl->info)
+            fi_freeinfo(rl->info);
+    }
     while (e->batches)
         afc_batch_free(e, e->batches);
-    if (e->info)
-        fi_freeinfo(e->info);
     if (e->wake_fd >= 0)
         close(e->wake_fd);
     if (e->ev_fd >= 0)
@@ -291,6 +334,8 @@ void afc_close(afc_engine *e)
     free(e->op_free);
     free(e->recv_ops);
     free(e->send_free);
+    free(e->peers);
+    free(e->peer_free);
     free(e->msg_mem);
     pthread_mutex_destroy(&e->dom_lock);
     pthread_mutex_destroy(&e->sq_lock);
@@ -310,10 +355,15 @@ static void copy_str(char *dst, size_t n, const char *src)
     snprintf(dst, n, "%s", src ? src : "");
 }
 
-void afc_get_info(afc_engine *e, struct afc_info *o)
+uint32_t afc_n_rails(afc_engine *e) { return e->n_rails; }
+
+void afc_get_info(afc_engine *e, uint32_t rail, struct afc_info *o)
 {
-    struct fi_info *fi = e->info;
     memset(o, 0, sizeof *o);
+    if (rail >= e->n_rails)
+        return;
+    struct afc_rail *rl = &e->rail[rail];
+    struct fi_info *fi = rl->info;
     copy_str(o->provider, sizeof o->provider, fi->fabric_attr->prov_name);
     copy_str(o->fabric, sizeof o->fabric, fi->fabric_attr->name);
     copy_str(o->domain, sizeof o->domain, fi->domain_attr->name);
@@ -325,15 +375,17 @@ void afc_get_info(afc_engine *e, struct afc_info *o)
     o->mr_key_size = (uint32_t)fi->domain_attr->mr_key_size;
     o->data_progress = fi->domain_attr->data_progress;
     o->threading = fi->domain_attr->threading;
-    o->wait_fd = e->cq_fd >= 0;
+    o->wait_fd = rl->cq_fd >= 0;
     size_t len = 0;
-    fi_getname(&e->ep->fid, NULL, &len);
+    fi_getname(&rl->ep->fid, NULL, &len);
     o->addr_len = (uint32_t)len;
 }
 
-int afc_local_addr(afc_engine *e, void *buf, size_t *len)
+int afc_local_addr(afc_engine *e, uint32_t rail, void *buf, size_t *len)
 {
-    return fi_getname(&e->ep->fid, buf, len);
+    if (rail >= e->n_rails)
+        return -FI_EINVAL;
+    return fi_getname(&e->rail[rail].ep->fid, buf, len);
 }
 
 void afc_get_stats(afc_engine *e, struct afc_stats *o)
@@ -350,61 +402,124 @@ void afc_get_stats(afc_engine *e, struct afc_stats *o)
     S(worker_sleeps);
     S(worker_wakeups);
 #undef S
+    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
+        o->rail_bytes[r] = atomic_load_explicit(&e->rail[r].bytes_posted, memory_order_relaxed);
     o->sq_depth = atomic_load(&e->sq_tail) - atomic_load(&e->sq_head);
     pthread_mutex_lock(&e->dom_lock);
     o->ops_in_flight = e->cfg.max_ops - e->n_op_free;
     pthread_mutex_unlock(&e->dom_lock);
 }
 
-int afc_av_insert(afc_engine *e, const void *addr, size_t len, uint64_t *fi_addr)
+static void peer_release(afc_engine *e, uint32_t id) /* dom_lock held */
 {
-    if (len == 0 || len > AFC_ADDR_MAX)
-        return -FI_EINVAL;
-    fi_addr_t a = FI_ADDR_NOTAVAIL;
-    pthread_mutex_lock(&e->dom_lock);
-    int rc = fi_av_insert(e->av, addr, 1, &a, 0, NULL);
-    pthread_mutex_unlock(&e->dom_lock);
-    if (rc != 1)
-        return rc < 0 ? rc : -FI_EADDRNOTAVAIL;
-    *fi_addr = a;
-    return 0;
+    struct afc_peer *p = &e->peers[id];
+    for (uint32_t k = 0; k < p->n_paths; k++) {
+        if (p->addr[k] != FI_ADDR_NOTAVAIL) {
+            /* Paths that share a (rail, peer rail) pair share the entry. */
+            int dup = 0;
+            for (uint32_t j = 0; j < k; j++)
+                dup |= p->addr[j] == p->addr[k] && j % e->n_rails == k % e->n_rails;
+            if (!dup)
+                fi_av_remove(e->rail[k % e->n_rails].av, &p->addr[k], 1, 0);
+        }
+    }
+    memset(p, 0, sizeof *p);
+    e->peer_free[e->n_peer_free++] = id;
 }
 
-int afc_av_remove(afc_engine *e, uint64_t fi_addr)
+int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_t n_rails,
+                 uint32_t *peer)
 {
-    fi_addr_t a = fi_addr;
+    if (n_rails == 0 || n_rails > AFC_MAX_RAILS)
+        return -FI_EINVAL;
+    size_t off[AFC_MAX_RAILS], o = 0;
+    for (uint32_t r = 0; r < n_rails; r++) {
+        if (lens[r] == 0 || lens[r] > AFC_ADDR_MAX)
+            return -FI_EINVAL;
+        off[r] = o;
+        o += lens[r];
+    }
     pthread_mutex_lock(&e->dom_lock);
-    int rc = fi_av_remove(e->av, &a, 1, 0);
+    if (!e->n_peer_free) {
+        pthread_mutex_unlock(&e->dom_lock);
+        return -FI_ENOSPC;
+    }
+    uint32_t id = e->peer_free[--e->n_peer_free];
+    struct afc_peer *p = &e->peers[id];
+    p->n_rails = n_rails;
+    p->n_paths = n_rails > e->n_rails ? n_rails : e->n_rails;
+    for (uint32_t k = 0; k < AFC_MAX_RAILS; k++)
+        p->addr[k] = FI_ADDR_NOTAVAIL;
+    int rc = 0;
+    for (uint32_t k = 0; k < p->n_paths && !rc; k++) {
+        uint32_t l = k % e->n_rails, r = k % n_rails;
+        for (uint32_t j = 0; j < k; j++) /* an earlier path over the same pair */
+            if (j % e->n_rails == l && j % n_rails == r)
+                p->addr[k] = p->addr[j];
+        if (p->addr[k] != FI_ADDR_NOTAVAIL)
+            continue;
+        int n = fi_av_insert(e->rail[l].av, names + off[r], 1, &p->addr[k], 0, NULL);
+        if (n != 1) {
+            p->addr[k] = FI_ADDR_NOTAVAIL;
+            rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
+        }
+    }
+    p->live = 1;
+    if (rc)
+        peer_release(e, id);
+    pthread_mutex_unlock(&e->dom_lock);
+    if (!rc)
+        *peer = id;
+    return rc;
+}
+
+int afc_peer_remove(afc_engine *e, uint32_t peer)
+{
+    pthread_mutex_lock(&e->dom_lock);
+    int rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
+    if (!rc)
+        peer_release(e, peer);
     pthread_mutex_unlock(&e->dom_lock);
     return rc;
 }
 
-int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **out, uint64_t *key,
+uint32_t afc_peer_paths(afc_engine *e, uint32_t peer)
+{
+    return peer < e->cfg.max_peers ? e->peers[peer].n_paths : 0;
+}
+
+int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **out, uint64_t *keys,
                uint64_t *remote_base)
 {
     afc_mr *m = calloc(1, sizeof *m);
     if (!m)
         return -FI_ENOMEM;
+    m->engine = e;
+    int rc = 0;
     pthread_mutex_lock(&e->dom_lock);
-    int rc = reg_locked(e, buf, len, access, &m->mr);
+    for (uint32_t r = 0; r < e->n_rails && !rc; r++)
+        rc = reg_rail(e, r, buf, len, access, &m->mr[r]);
     pthread_mutex_unlock(&e->dom_lock);
     if (rc) {
-        free(m);
+        afc_mr_close(m);
         return rc;
     }
-    m->engine = e;
-    *key = fi_mr_key(m->mr);
+    for (uint32_t r = 0; r < e->n_rails; r++)
+        keys[r] = fi_mr_key(m->mr[r]);
     *remote_base = (e->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)buf : 0;
     *out = m;
     return 0;
 }
 
-void *afc_mr_desc(afc_mr *m) { return fi_mr_desc(m->mr); }
-
 int afc_mr_close(afc_mr *m)
 {
+    int rc = 0;
     pthread_mutex_lock(&m->engine->dom_lock);
-    int rc = fi_close(&m->mr->fid);
+    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
+        if (m->mr[r]) {
+            int x = fi_close(&m->mr[r]->fid);
+            rc = rc ? rc : x;
+        }
     pthread_mutex_unlock(&m->engine->dom_lock);
     free(m);
     return rc;
@@ -440,19 +555,87 @@ static int submit(afc_engine *e, const struct afc_sqe *s)
     return 0;
 }
 
-int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, void *desc, uint64_t dest,
-              uint64_t raddr, uint64_t rkey, int64_t imm)
+/* Peers are added and written to by the same (event loop) thread; the table
+ * never moves, so reading an entry here needs no lock. */
+static struct afc_peer *peer_of(afc_engine *e, uint32_t peer)
 {
-    struct afc_sqe s = {.kind = AFC_OP_WRITE, .id = id, .src = (const void *)(uintptr_t)src, .len = len, .desc = desc,
-                        .dest = dest, .raddr = raddr, .rkey = rkey, .imm = imm};
+    return peer < e->cfg.max_peers && e->peers[peer].live ? &e->peers[peer] : NULL;
+}
+
+static struct afc_batch *batch_new(afc_engine *e, uint64_t id, uint32_t kind, uint32_t peer, afc_mr *mr,
+                                   uint64_t src, uint64_t raddr, const uint64_t *rkeys, int64_t imm)
+{
+    struct afc_batch *b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
+    b->id = id;
+    b->kind = kind;
+    b->peer = peer;
+    b->mr = mr;
+    b->src = src;
+    b->raddr = raddr;
+    b->imm = imm;
+    memcpy(b->rkeys, rkeys, e->peers[peer].n_rails * sizeof *rkeys);
+    return b;
+}
+
+/* Make a batch live and queue it; frees it when it could not be queued. */
+static int submit_batch(afc_engine *e, struct afc_batch *b)
+{
+    pthread_mutex_lock(&e->dom_lock);
+    b->next_live = e->batches;
+    if (e->batches)
+        e->batches->prev = b;
+    e->batches = b;
+    pthread_mutex_unlock(&e->dom_lock);
+    struct afc_sqe s = {.kind = AFC_OP_PAGES, .id = b->id, .imm = b->imm, .batch = b};
+    int rc = submit(e, &s); /* batches always go through the worker */
+    if (rc) { /* not queued: nothing else references the batch */
+        pthread_mutex_lock(&e->dom_lock);
+        afc_batch_free(e, b);
+        pthread_mutex_unlock(&e->dom_lock);
+    }
+    return rc;
+}
+
+int afc_write_path(afc_engine *e, uint64_t id, uint64_t src, size_t len, afc_mr *mr, uint32_t peer,
+                   int32_t path, uint64_t raddr, const uint64_t *rkeys, int64_t imm)
+{
+    struct afc_peer *p = peer_of(e, peer);
+    if (!p || path >= (int32_t)p->n_paths)
+        return -FI_EINVAL;
+    if (path < 0 && p->n_paths > 1 && len >= e->cfg.stripe_threshold && len >= 2) {
+        struct afc_batch *b = batch_new(e, id, AFC_BATCH_STRIPE, peer, mr, src, raddr, rkeys, imm);
+        if (!b)
+            return -FI_ENOMEM;
+        /* Shards of equal size rounded up to 4 KiB; no empty shard is posted. */
+        uint64_t shard = (len + p->n_paths - 1) / p->n_paths;
+        shard = (shard + 4095) & ~4095ull;
+        b->page = shard;
+        b->len = len;
+        b->n = (len + shard - 1) / shard;
+        b->remaining = b->n;
+        return submit_batch(e, b);
+    }
+    struct afc_sqe s = {.kind = AFC_OP_WRITE, .id = id, .src = (const void *)(uintptr_t)src, .len = len,
+                        .mr = mr, .peer = peer, .path = path, .raddr = raddr, .imm = imm};
+    memcpy(s.rkeys, rkeys, p->n_rails * sizeof *rkeys);
     return submit(e, &s);
 }
 
+int afc_write(afc_engine *e, uint64_t id, uint64_t src, size_t len, afc_mr *mr, uint32_t peer,
+              uint64_t raddr, const uint64_t *rkeys, int64_t imm)
+{
+    return afc_write_path(e, id, src, len, mr, peer, -1, raddr, rkeys, imm);
+}
+
 int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen, const char *data, size_t len,
-             uint64_t dest)
+             uint32_t peer)
 {
     if (hlen + len > e->cfg.msg_size)
         return -FI_EMSGSIZE;
+    if (!peer_of(e, peer))
+        return -FI_EINVAL;
     pthread_mutex_lock(&e->sq_lock);
     if (!e->n_send_free) {
         pthread_mutex_unlock(&e->sq_lock);
@@ -463,8 +646,8 @@ int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen, const cha
     char *buf = afc_send_buf(e, slot);
     memcpy(buf, hdr, hlen);
     memcpy(buf + hlen, data, len);
-    struct afc_sqe s = {.kind = AFC_OP_SEND, .id = id, .slot = slot, .len = hlen + len, .dest = dest,
-                        .imm = -1};
+    struct afc_sqe s = {.kind = AFC_OP_SEND, .id = id, .slot = slot, .len = hlen + len, .peer = peer,
+                        .path = 0, .imm = -1};
     int rc = submit(e, &s);
     if (rc) {
         pthread_mutex_lock(&e->sq_lock);
@@ -474,13 +657,14 @@ int afc_send(afc_engine *e, uint64_t id, const char *hdr, size_t hlen, const cha
     return rc;
 }
 
-int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, void *desc, uint64_t dest, uint64_t raddr,
-                    uint64_t rkey, uint64_t page_size, uint64_t src_stride, uint64_t dst_stride,
+int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, afc_mr *mr, uint32_t peer, uint64_t raddr,
+                    const uint64_t *rkeys, uint64_t page_size, uint64_t src_stride, uint64_t dst_stride,
                     const int64_t *src_idx, const int64_t *dst_idx, uint64_t n, int64_t imm)
 {
-    if (n == 0 || page_size == 0)
+    struct afc_peer *p = peer_of(e, peer);
+    if (n == 0 || page_size == 0 || !p)
         return -FI_EINVAL;
-    struct afc_batch *b = calloc(1, sizeof *b);
+    struct afc_batch *b = batch_new(e, id, AFC_BATCH_PAGES, peer, mr, src, raddr, rkeys, imm);
     int64_t *idx = malloc(2 * n * sizeof *idx);
     if (!b || !idx) {
         free(b);
@@ -489,23 +673,18 @@ int afc_write_pages(afc_engine *e, uint64_t id, uint64_t src, void *desc, uint64
     }
     memcpy(idx, src_idx, n * sizeof *idx);
     memcpy(idx + n, dst_idx, n * sizeof *idx);
-    *b = (struct afc_batch){.id = id, .n = n, .remaining = n, .src = src, .raddr = raddr, .rkey = rkey,
-                            .page = page_size, .sstride = src_stride, .dstride = dst_stride,
-                            .dest = dest, .desc = desc, .imm = imm, .sidx = idx, .didx = idx + n};
-    pthread_mutex_lock(&e->dom_lock);
-    b->next_live = e->batches;
-    if (e->batches)
-        e->batches->prev = b;
-    e->batches = b;
-    pthread_mutex_unlock(&e->dom_lock);
-    struct afc_sqe s = {.kind = AFC_OP_PAGES, .id = id, .imm = imm, .batch = b};
-    int rc = submit(e, &s); /* paged writes always go through the worker */
-    if (rc) { /* not queued: nothing else references the batch */
-        pthread_mutex_lock(&e->dom_lock);
-        afc_batch_free(e, b);
-        pthread_mutex_unlock(&e->dom_lock);
+    b->n = b->remaining = n;
+    b->page = page_size;
+    b->sstride = src_stride;
+    b->dstride = dst_stride;
+    b->sidx = idx;
+    b->didx = idx + n;
+    /* One contiguous range of pages per path. */
+    for (uint32_t k = 0; k < p->n_paths; k++) {
+        b->cur[k] = n * k / p->n_paths;
+        b->end[k] = n * (k + 1) / p->n_paths;
     }
-    return rc;
+    return submit_batch(e, b);
 }
 
 const void *afc_recv_buf(afc_engine *e, uint32_t slot)

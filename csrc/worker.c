@@ -89,7 +89,7 @@ int afc_post_recv(afc_engine *e, uint32_t slot)
 {
     struct afc_op *op = &e->recv_ops[slot];
     char *buf = e->msg_mem + (size_t)slot * e->cfg.msg_size;
-    return (int)fi_recv(e->ep, buf, e->cfg.msg_size, fi_mr_desc(e->msg_mr), FI_ADDR_UNSPEC,
+    return (int)fi_recv(e->rail[0].ep, buf, e->cfg.msg_size, fi_mr_desc(e->msg_mr), FI_ADDR_UNSPEC,
                         &op->ctx);
 }
 
@@ -105,9 +105,11 @@ void afc_batch_free(afc_engine *e, struct afc_batch *b)
     free(b);
 }
 
-/* Every page of the batch has completed or failed: one record for Python. */
+/* Every piece of the batch has completed or failed: one record for Python. */
 static void batch_done(afc_engine *e, struct afc_batch *b)
 {
+    if (b->fence && !b->fence_posted)
+        op_put(e, b->fence); /* reserved, never needed */
     if (b->err)
         afc_ev_push(e, b->id, AFC_EV_ERROR, b->err, (uint64_t)(int64_t)b->prov_err, 0);
     else
@@ -115,30 +117,135 @@ static void batch_done(afc_engine *e, struct afc_batch *b)
     afc_batch_free(e, b);
 }
 
-/* Post the next pages of a paged write (dom_lock held).  0 when every page is
+/* Post one write on a path to a peer (dom_lock held).  `deliver`: complete
+ * only once the data is visible at the target (the shards of a striped
+ * write that a trailing immediate vouches for). */
+static ssize_t post_write(afc_engine *e, struct afc_peer *p, uint32_t path, const void *src, size_t len,
+                          afc_mr *mr, uint64_t raddr, const uint64_t *rkeys, int64_t imm, int deliver,
+                          struct afc_op *op)
+{
+    uint32_t l = path % e->n_rails;
+    struct afc_rail *rl = &e->rail[l];
+    void *desc = mr ? fi_mr_desc(mr->mr[l]) : NULL;
+    uint64_t key = rkeys[path % p->n_rails];
+    ssize_t rc;
+    if (deliver && !e->no_dc) {
+        struct iovec iov = {.iov_base = (void *)src, .iov_len = len};
+        struct fi_rma_iov rma = {.addr = raddr, .len = len, .key = key};
+        struct fi_msg_rma msg = {.msg_iov = &iov, .desc = &desc, .iov_count = 1, .addr = p->addr[path],
+                                 .rma_iov = &rma, .rma_iov_count = 1, .context = &op->ctx};
+        rc = fi_writemsg(rl->ep, &msg, FI_COMPLETION | FI_DELIVERY_COMPLETE);
+        if (rc == -FI_EBADFLAGS || rc == -FI_ENOSYS || rc == -FI_EOPNOTSUPP) {
+            e->no_dc = 1; /* documented: the fence then relies on plain completion */
+            rc = fi_write(rl->ep, src, len, desc, p->addr[path], raddr, key, &op->ctx);
+        }
+    } else if (imm >= 0) {
+        rc = fi_writedata(rl->ep, src, len, desc, (uint64_t)imm, p->addr[path], raddr, key, &op->ctx);
+    } else {
+        rc = fi_write(rl->ep, src, len, desc, p->addr[path], raddr, key, &op->ctx);
+    }
+    if (rc == 0) {
+        STAT_ADD(e, writes_posted, 1);
+        STAT_ADD(e, bytes_posted, len);
+        atomic_fetch_add_explicit(&rl->bytes_posted, len, memory_order_relaxed);
+    }
+    return rc;
+}
+
+/* The trailing immediate of a striped write: zero bytes on path 0.
+ * 0 posted (or failed and recorded), -FI_EAGAIN try later. dom_lock held. */
+static int post_fence(afc_engine *e, struct afc_batch *b)
+{
+    struct afc_op *op = b->fence;
+    op->id = b->id;
+    op->kind = AFC_OP_FENCE;
+    op->batch = b;
+    ssize_t rc = post_write(e, &e->peers[b->peer], 0, (const void *)(uintptr_t)b->src, 0, b->mr, b->raddr,
+                            b->rkeys, b->imm, 0, op);
+    if (rc == -FI_EAGAIN) {
+        STAT_ADD(e, eagain, 1);
+        return -FI_EAGAIN;
+    }
+    b->fence_posted = 1;
+    if (rc) {
+        STAT_ADD(e, errors, 1);
+        op_put(e, op);
+        b->err = (int32_t)-rc;
+        batch_done(e, b);
+    }
+    return 0;
+}
+
+int afc_post_fences(afc_engine *e)
+{
+    int n = 0;
+    while (e->fences) {
+        struct afc_batch *b = e->fences;
+        if (post_fence(e, b) == -FI_EAGAIN)
+            break;
+        e->fences = b->next_fence; /* b may be freed now: next read first */
+        n++;
+    }
+    return n;
+}
+
+/* All shards are in: fail, or send the immediate that vouches for them. */
+static void stripe_landed(afc_engine *e, struct afc_batch *b)
+{
+    if (b->imm < 0 || b->err || !b->fence) {
+        batch_done(e, b);
+    } else if (e->fences || post_fence(e, b) == -FI_EAGAIN) {
+        struct afc_batch **t = &e->fences; /* keep the order of arrival */
+        while (*t)
+            t = &(*t)->next_fence;
+        b->next_fence = NULL;
+        *t = b;
+    }
+}
+
+/* Post the next pieces of a batch (dom_lock held).  0 when every piece is
  * posted (the submission is consumed), AFC_PARTIAL when some wait for room. */
 #define AFC_PARTIAL 1
-static int post_pages(afc_engine *e, struct afc_batch *b)
+static int post_batch(afc_engine *e, struct afc_batch *b)
 {
+    struct afc_peer *p = &e->peers[b->peer];
+    int stripe = b->kind == AFC_BATCH_STRIPE;
+    if (stripe && b->imm >= 0 && !b->fence && !(b->fence = op_get(e)))
+        return AFC_PARTIAL;
     int budget = AFC_SQ_BUDGET;
     while (b->posted < b->n && budget-- > 0) {
         struct afc_op *op = op_get(e);
         if (!op)
             return AFC_PARTIAL;
-        uint64_t k = b->posted;
-        const void *src = (const void *)(uintptr_t)(b->src + b->sstride * (uint64_t)b->sidx[k]);
-        uint64_t dst = b->raddr + b->dstride * (uint64_t)b->didx[k];
+        uint32_t path;
+        const void *src;
+        uint64_t dst, len, k = 0;
+        if (stripe) {
+            path = (uint32_t)b->posted;
+            uint64_t off = b->page * b->posted;
+            len = b->len - off < b->page ? b->len - off : b->page;
+            src = (const void *)(uintptr_t)(b->src + off);
+            dst = b->raddr + off;
+        } else {
+            path = b->rr;
+            while (b->cur[path] == b->end[path]) /* some path still has pages: posted < n */
+                path = (path + 1) % p->n_paths;
+            k = b->cur[path];
+            src = (const void *)(uintptr_t)(b->src + b->sstride * (uint64_t)b->sidx[k]);
+            dst = b->raddr + b->dstride * (uint64_t)b->didx[k];
+            len = b->page;
+        }
         op->id = b->id;
         op->kind = AFC_OP_PAGES;
         op->batch = b;
-        ssize_t rc = b->imm >= 0
-                         ? fi_writedata(e->ep, src, b->page, b->desc, (uint64_t)b->imm, b->dest, dst,
-                                        b->rkey, &op->ctx)
-                         : fi_write(e->ep, src, b->page, b->desc, b->dest, dst, b->rkey, &op->ctx);
+        ssize_t rc = post_write(e, p, path, src, len, b->mr, dst, b->rkeys, stripe ? -1 : b->imm,
+                                stripe && b->imm >= 0, op);
         if (rc == 0) {
             b->posted++;
-            STAT_ADD(e, writes_posted, 1);
-            STAT_ADD(e, bytes_posted, b->page);
+            if (!stripe) {
+                b->cur[path]++;
+                b->rr = (path + 1) % p->n_paths;
+            }
             continue;
         }
         op_put(e, op);
@@ -146,28 +253,28 @@ static int post_pages(afc_engine *e, struct afc_batch *b)
             STAT_ADD(e, eagain, 1);
             return AFC_PARTIAL;
         }
-        /* Hard failure: the pages not yet posted fail with it. */
+        /* Hard failure: the pieces not yet posted fail with it. */
         STAT_ADD(e, errors, 1);
         if (!b->err)
             b->err = (int32_t)-rc;
         b->remaining -= b->n - b->posted;
         b->posted = b->n;
         if (b->remaining == 0)
-            batch_done(e, b);
+            stripe ? stripe_landed(e, b) : batch_done(e, b);
         return 0;
     }
     return b->posted < b->n ? AFC_PARTIAL : 0;
 }
 
 /* Post one submission (dom_lock held).  0, -FI_EAGAIN (try again later),
- * AFC_PARTIAL (a paged write is partly posted), or another error that has
- * been turned into an AFC_EV_ERROR record. */
+ * AFC_PARTIAL (a batch is partly posted), or another error that has been
+ * turned into an AFC_EV_ERROR record. */
 int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
 {
     if (s->kind == AFC_OP_PAGES) {
         if (ev_room(e) < AFC_CQ_BATCH + 2)
             return -FI_EAGAIN;
-        return post_pages(e, s->batch);
+        return post_batch(e, s->batch);
     }
     if (s->kind == AFC_OP_REPOST) {
         int rc = afc_post_recv(e, s->slot);
@@ -185,26 +292,23 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     op->id = s->id;
     op->kind = s->kind;
     op->slot = s->slot;
+    struct afc_peer *p = &e->peers[s->peer];
     ssize_t rc;
     if (s->kind == AFC_OP_WRITE) {
-        if (s->imm >= 0)
-            rc = fi_writedata(e->ep, s->src, s->len, s->desc, (uint64_t)s->imm, s->dest, s->raddr,
-                              s->rkey, &op->ctx);
-        else
-            rc = fi_write(e->ep, s->src, s->len, s->desc, s->dest, s->raddr, s->rkey, &op->ctx);
+        /* Writes that are not striped take the paths in turn, engine-wide, so
+         * that a scatter to many peers spreads over our NICs too. */
+        uint32_t path = s->path >= 0 ? (uint32_t)s->path : e->rr % p->n_paths;
+        rc = post_write(e, p, path, s->src, s->len, s->mr, s->raddr, s->rkeys, s->imm, 0, op);
+        if (rc == 0 && s->path < 0)
+            e->rr++;
     } else {
-        rc = fi_send(e->ep, afc_send_buf(e, s->slot), s->len, fi_mr_desc(e->msg_mr), s->dest,
+        rc = fi_send(e->rail[0].ep, afc_send_buf(e, s->slot), s->len, fi_mr_desc(e->msg_mr), p->addr[0],
                      &op->ctx);
-    }
-    if (rc == 0) {
-        if (s->kind == AFC_OP_WRITE) {
-            STAT_ADD(e, writes_posted, 1);
-            STAT_ADD(e, bytes_posted, s->len);
-        } else {
+        if (rc == 0)
             STAT_ADD(e, sends_posted, 1);
-        }
-        return 0;
     }
+    if (rc == 0)
+        return 0;
     op_put(e, op);
     if (rc == -FI_EAGAIN) {
         STAT_ADD(e, eagain, 1);
@@ -220,7 +324,7 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
 /* Post queued submissions (dom_lock held).  Returns how many left the queue. */
 static int submit_queued(afc_engine *e)
 {
-    int n = 0;
+    int n = e->fences ? afc_post_fences(e) : 0;
     uint64_t head = atomic_load_explicit(&e->sq_head, memory_order_relaxed);
     while (n < AFC_SQ_BUDGET) {
         uint64_t tail = atomic_load_explicit(&e->sq_tail, memory_order_acquire);
@@ -238,7 +342,7 @@ static int submit_queued(afc_engine *e)
 
 static void complete_op(afc_engine *e, struct afc_op *op, int err, int prov_errno)
 {
-    if (op->kind == AFC_OP_PAGES) {
+    if (op->kind == AFC_OP_PAGES || op->kind == AFC_OP_FENCE) {
         struct afc_batch *b = op->batch;
         STAT_ADD(e, completions, 1);
         if (err) {
@@ -249,8 +353,10 @@ static void complete_op(afc_engine *e, struct afc_op *op, int err, int prov_errn
             }
         }
         op_put(e, op);
-        if (--b->remaining == 0 && b->posted == b->n)
+        if (op->kind == AFC_OP_FENCE)
             batch_done(e, b);
+        else if (--b->remaining == 0 && b->posted == b->n)
+            b->kind == AFC_BATCH_STRIPE ? stripe_landed(e, b) : batch_done(e, b);
         return;
     }
     if (err) {
@@ -270,11 +376,11 @@ static int is_recv_op(afc_engine *e, void *ctx)
     return ctx >= (void *)e->recv_ops && ctx < (void *)(e->recv_ops + e->cfg.recv_slots);
 }
 
-static void read_cq_error(afc_engine *e)
+static void read_cq_error(afc_engine *e, struct afc_rail *rl)
 {
     struct fi_cq_err_entry err;
     memset(&err, 0, sizeof err);
-    if (fi_cq_readerr(e->cq, &err, 0) < 0)
+    if (fi_cq_readerr(rl->cq, &err, 0) < 0)
         return;
     if (err.op_context && is_recv_op(e, err.op_context)) {
         /* A receive failed (cancelled at close, or truncated): report, repost. */
@@ -290,15 +396,15 @@ static void read_cq_error(afc_engine *e)
     }
 }
 
-/* Read the completion queue (dom_lock held).  Returns entries handled. */
-static int poll_cq(afc_engine *e)
+/* Read one rail's completion queue (dom_lock held).  Returns entries handled. */
+static int poll_rail(afc_engine *e, struct afc_rail *rl)
 {
     struct fi_cq_data_entry cqe[AFC_CQ_BATCH];
     if (ev_room(e) < AFC_CQ_BATCH + 1)
         return 0; /* Python is behind: leave completions in the provider's queue */
-    ssize_t n = fi_cq_read(e->cq, cqe, AFC_CQ_BATCH);
+    ssize_t n = fi_cq_read(rl->cq, cqe, AFC_CQ_BATCH);
     if (n == -FI_EAVAIL) {
-        read_cq_error(e);
+        read_cq_error(e, rl);
         return 1;
     }
     if (n <= 0)
@@ -329,6 +435,14 @@ static int poll_cq(afc_engine *e)
     return (int)n;
 }
 
+static int poll_cq(afc_engine *e)
+{
+    int n = 0;
+    for (uint32_t r = 0; r < e->n_rails; r++)
+        n += poll_rail(e, &e->rail[r]);
+    return n;
+}
+
 /* Block until woken, the provider signals, or the timeout passes.  Returns 1
  * when something woke it, 0 on timeout or when it did not block. */
 static int idle_block(afc_engine *e, int timeout_us)
@@ -340,14 +454,17 @@ static int idle_block(afc_engine *e, int timeout_us)
         return 1;
     }
     STAT_ADD(e, worker_sleeps, 1);
-    if (e->cq_fd >= 0) {
-        struct fid *fids[1] = {&e->cq->fid};
+    if (e->all_wait_fd) {
+        int ready = 1;
         pthread_mutex_lock(&e->dom_lock);
-        int rc = fi_trywait(e->fabric, fids, 1);
+        for (uint32_t r = 0; r < e->n_rails && ready; r++) {
+            struct fid *fids[1] = {&e->rail[r].cq->fid};
+            ready = fi_trywait(e->rail[r].fabric, fids, 1) == FI_SUCCESS;
+        }
         pthread_mutex_unlock(&e->dom_lock);
-        if (rc == FI_SUCCESS) {
-            struct epoll_event evs[2];
-            woke = epoll_wait(e->epfd, evs, 2, (timeout_us + 999) / 1000) > 0;
+        if (ready) {
+            struct epoll_event evs[AFC_MAX_RAILS + 1];
+            woke = epoll_wait(e->epfd, evs, AFC_MAX_RAILS + 1, (timeout_us + 999) / 1000) > 0;
         } else {
             woke = 1;
         }
@@ -357,7 +474,7 @@ static int idle_block(afc_engine *e, int timeout_us)
         woke = ppoll(&p, 1, &ts, NULL) > 0;
     }
     uint64_t v;
-    if (woke && read(e->wake_fd, &v, sizeof v) < 0 && e->cq_fd < 0)
+    if (woke && read(e->wake_fd, &v, sizeof v) < 0 && !e->all_wait_fd)
         woke = 0; /* nothing was written: the poll timed out or fired spuriously */
     atomic_store(&e->sleeping, 0);
     if (woke)
@@ -419,7 +536,7 @@ void *afc_worker_main(void *arg)
             sleep_us = 50;
             continue;
         }
-        uint64_t window = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 && e->cq_fd < 0
+        uint64_t window = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 && !e->all_wait_fd
                               ? wait_spin_ns
                               : spin_ns;
         if (afc_now_ns() - last_active < window) {
@@ -430,11 +547,11 @@ void *afc_worker_main(void *arg)
             continue;
         }
         /* Idle.  With a wait fd block long; without one back off up to 1 ms. */
-        int t = e->cq_fd >= 0 ? max_sleep_us : sleep_us;
+        int t = e->all_wait_fd ? max_sleep_us : sleep_us;
         if (idle_block(e, t)) {
             last_active = afc_now_ns();
             sleep_us = 50;
-        } else if (e->cq_fd < 0) {
+        } else if (!e->all_wait_fd) {
             /* No wait fd: nothing can wake us when a peer writes, so back off,
              * to 1 ms while a task awaits inbound traffic, to idle_ms when none does. */
             int cap = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 ? 1000 : max_sleep_us;

@@ -160,8 +160,14 @@ async def test_open_engine_bad_arguments():
         af.open_engine("shm", bogus=1)
     with pytest.raises(ValueError, match="power of two"):
         await af.open_engine("shm", sq_slots=1000)
-    with pytest.raises(ValueError):
-        af.open_engine("shm", nics=["a", "b"])
+    with pytest.raises(ValueError, match="1 to 4 NICs"):
+        af.open_engine("shm", nics=["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="1 to 4 NICs"):
+        af.open_engine("shm", nics=[])
+    with pytest.raises(ValueError, match="non-empty"):
+        af.open_engine("shm", nics=["lo", ""])
+    with pytest.raises(ValueError, match="stripe_threshold"):
+        await af.open_engine("shm", stripe_threshold=0)
     with pytest.raises(TypeError):
         af.open_engine("shm", nics="lo")
 
