@@ -83,8 +83,8 @@ def _gather(provider: str | None) -> dict[str, Any]:
     from .nics import discover, group
     from .providers import default_provider, list_providers
 
+    everything = list_providers()  # before libibverbs is touched: libfabric's verbs provider sets it up
     nics = discover(use_verbs=True)
-    everything = list_providers()
     default = default_provider(everything)
     shown = list_providers(provider) if provider else everything
     groups: dict[str, list[dict[str, Any]]] = {}
