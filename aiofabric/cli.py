@@ -13,8 +13,10 @@ import os
 import re
 import sys
 import textwrap
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main", "net_devices", "rdma_devices"]
 
@@ -78,9 +80,11 @@ def rdma_devices(root: Path = SYSFS) -> list[dict[str, Any]]:
 def _gather(provider: str | None) -> dict[str, Any]:
     """Everything ``info`` reports, as one JSON-able document."""
     from . import __version__, fabric_version
+    from .nics import discover, group
     from .providers import default_provider, list_providers
 
-    everything = list_providers()
+    everything = list_providers()  # before libibverbs is touched: libfabric's verbs provider sets it up
+    nics = discover(use_verbs=True)
     default = default_provider(everything)
     shown = list_providers(provider) if provider else everything
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -98,6 +102,8 @@ def _gather(provider: str | None) -> dict[str, Any]:
         "providers": groups,
         "net_devices": net_devices(),
         "rdma_devices": rdma_devices(),
+        "nics": [asdict(n) for n in nics],
+        "groups": [[n.name for n in g] for g in group(nics)],
     }
 
 
@@ -150,7 +156,26 @@ def _text(doc: dict[str, Any]) -> str:
                          for r in doc["rdma_devices"]])
     else:
         lines += ["", "RDMA devices (/sys/class/infiniband): none"]
+    if "nics" in doc:
+        lines += _nics_text(doc["nics"], doc.get("groups", []))
     return "\n".join(lines)
+
+
+def _speed(gbps: float | None) -> str:
+    return "-" if gbps is None else f"{gbps:g}"
+
+
+def _nics_text(nics: list[dict[str, Any]], groups: list[list[str]]) -> list[str]:
+    """The "NICs" section: every NIC and the DomainGroups an engine would form."""
+    lines = ["", "NICs (see docs/nics.md)"]
+    lines += _table(["NAME", "KIND", "STATE", "GB/S", "NUMA", "PCI", "NETDEVS", "ADDRESSES"],
+                    [[n["name"], n["kind"] + (" (virtual)" if n["virtual"] else ""), _dash(n["state"]),
+                      _speed(n["speed_gbps"]), _dash(n["numa_node"]), _dash(n["pci"]),
+                      ",".join(n["netdevs"]) or "-", ",".join(n["addresses"]) or "-"] for n in nics])
+    if not groups:
+        return lines + ["", "proposed DomainGroups: none (no physical NIC is up)"]
+    lines += ["", "proposed DomainGroups (physical NICs that are up, by NUMA node and speed, at most 4 each)"]
+    return lines + [f"  group {i}: {', '.join(g)}" for i, g in enumerate(groups)]
 
 
 def _parser() -> argparse.ArgumentParser:
