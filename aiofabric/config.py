@@ -77,6 +77,9 @@ class EngineStatistics:
     pending_futures: int
     regions: int
     messages_waiting: int
+    #: the provider refused FI_DELIVERY_COMPLETE, so a striped write's trailing
+    #: immediate follows the shards' plain local completion (docs/multi-nic.md)
+    fence_unconfirmed: bool = False
 
 
 @dataclass(frozen=True)

@@ -531,7 +531,7 @@ class TransferEngine:
             pending_futures=len(self._pending),
             regions=len(self._regions),
             messages_waiting=len(self._messages),
-            **vals,
+            **{**vals, "fence_unconfirmed": bool(s.fence_unconfirmed)},
         )
 
     async def aclose(self) -> None:

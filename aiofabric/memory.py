@@ -85,6 +85,8 @@ class RegionDescriptor:
     __slots__ = ("owner", "addr", "nbytes", "keys")
 
     def __init__(self, owner: Address, addr: int, nbytes: int, keys: tuple[int, ...]) -> None:
+        if len(keys) != len(owner._body.nics):
+            raise ValueError(f"{len(keys)} keys for an owner with {len(owner._body.nics)} NICs")
         self.owner = owner
         self.addr = addr
         self.nbytes = nbytes

@@ -72,6 +72,7 @@ struct afc_stats {
     uint64_t sq_depth;
     uint64_t ops_in_flight;
     uint64_t rail_bytes[4];    /* bytes posted on each rail */
+    uint32_t fence_unconfirmed; /* the provider refused FI_DELIVERY_COMPLETE (see afc_write) */
 };
 
 typedef struct afc_engine afc_engine;

@@ -404,6 +404,7 @@ void afc_get_stats(afc_engine *e, struct afc_stats *o)
 #undef S
     for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
         o->rail_bytes[r] = atomic_load_explicit(&e->rail[r].bytes_posted, memory_order_relaxed);
+    o->fence_unconfirmed = (uint32_t)e->no_dc;
     o->sq_depth = atomic_load(&e->sq_tail) - atomic_load(&e->sq_head);
     pthread_mutex_lock(&e->dom_lock);
     o->ops_in_flight = e->cfg.max_ops - e->n_op_free;
