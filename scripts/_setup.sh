@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! dpkg -s libfabric-dev >/dev/null 2>&1 || ! command -v gcc >/dev/null 2>&1; then
+if ! dpkg -s libfabric-dev >/dev/null 2>&1 || ! command -v gcc >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfabric-dev gcc python3-dev python3-pip >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfabric-dev gcc python3-dev python3-pip iproute2 >/dev/null
 fi
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import aiofabric._ffi" >/dev/null 2>&1 || [ "${AIOFABRIC_REBUILD:-0}" = 1 ] \
