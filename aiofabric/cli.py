@@ -18,63 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "net_devices", "rdma_devices"]
+__all__ = ["main"]
 
 SYSFS = Path("/sys/class")
 _PCI_ADDR = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _WIDTH = 100
-
-
-def _read(path: Path) -> str | None:
-    """Stripped contents of a sysfs file, or None if it cannot be read."""
-    try:
-        return path.read_text().strip()
-    except (OSError, ValueError):  # missing, EINVAL (speed of a virtual link), ...
-        return None
-
-
-def _int_or_none(text: str | None) -> int | None:
-    """A sysfs number; None when absent or negative (the kernel's "unknown")."""
-    try:
-        value = int(text) if text is not None else -1
-    except ValueError:
-        return None
-    return value if value >= 0 else None
-
-
-def _device_location(dev: Path) -> tuple[int | None, str | None]:
-    """(NUMA node, PCI address) of the ``device`` link of a sysfs entry."""
-    if not dev.exists():
-        return None, None
-    real = dev.resolve()
-    numa = _int_or_none(_read(dev / "numa_node"))
-    pci = next((p for p in [real, *real.parents] if _PCI_ADDR.match(p.name)), None)
-    if numa is None and pci is not None:
-        numa = _int_or_none(_read(pci / "numa_node"))
-    return numa, pci.name if pci is not None else None
-
-
-def net_devices(root: Path = SYSFS) -> list[dict[str, Any]]:
-    """Network interfaces the OS knows (``/sys/class/net``)."""
-    out = []
-    base = root / "net"
-    for entry in sorted(base.iterdir()) if base.is_dir() else []:
-        numa, pci = _device_location(entry / "device")
-        out.append({"name": entry.name, "operstate": _read(entry / "operstate"),
-                    "speed_mbps": _int_or_none(_read(entry / "speed")), "numa_node": numa, "pci": pci})
-    return out
-
-
-def rdma_devices(root: Path = SYSFS) -> list[dict[str, Any]]:
-    """RDMA devices (``/sys/class/infiniband``); empty when there are none."""
-    out = []
-    base = root / "infiniband"
-    for entry in sorted(base.iterdir()) if base.is_dir() else []:
-        numa, pci = _device_location(entry / "device")
-        ports = entry / "ports"
-        states = {p.name: _read(p / "state") for p in sorted(ports.iterdir())} if ports.is_dir() else {}
-        out.append({"name": entry.name, "numa_node": numa, "pci": pci, "ports": states})
-    return out
 
 
 def _gather(provider: str | None) -> dict[str, Any]:
@@ -100,8 +48,6 @@ def _gather(provider: str | None) -> dict[str, Any]:
         "default_provider_source": "AIOFABRIC_PROVIDER" if os.environ.get("AIOFABRIC_PROVIDER") else "preference",
         "default_provider_available": default is not None and any(p.provider == default for p in everything),
         "providers": groups,
-        "net_devices": net_devices(),
-        "rdma_devices": rdma_devices(),
         "nics": [asdict(n) for n in nics],
         "groups": [[n.name for n in g] for g in group(nics)],
     }
@@ -144,18 +90,6 @@ def _text(doc: dict[str, Any]) -> str:
                 for x in domains]
         lines += _table(["DOMAIN", "FABRIC", "RMA", "IMM(B)", "PROGRESS", "THREADING", "INJECT(B)", "HMEM",
                          "MR_MODE"], rows)
-    lines += ["", "network interfaces (/sys/class/net)"]
-    lines += _table(["NAME", "STATE", "SPEED(Mb/s)", "NUMA", "PCI"],
-                    [[n["name"], _dash(n["operstate"]), _dash(n["speed_mbps"]), _dash(n["numa_node"]),
-                      _dash(n["pci"])] for n in doc["net_devices"]])
-    if doc["rdma_devices"]:
-        lines += ["", "RDMA devices (/sys/class/infiniband)"]
-        lines += _table(["NAME", "NUMA", "PCI", "PORTS"],
-                        [[r["name"], _dash(r["numa_node"]), _dash(r["pci"]),
-                          ",".join(f"{k}:{(v or '?').split(': ')[-1]}" for k, v in r["ports"].items()) or "-"]
-                         for r in doc["rdma_devices"]])
-    else:
-        lines += ["", "RDMA devices (/sys/class/infiniband): none"]
     if "nics" in doc:
         lines += _nics_text(doc["nics"], doc.get("groups", []))
     return "\n".join(lines)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -45,7 +44,7 @@ def test_info_lists_providers() -> None:
     assert "provider shm" in p.stdout and "provider tcp;ofi_rxm" in p.stdout
     assert f"libfabric {aiofabric.fabric_version()}" in p.stdout
     assert f"default provider: {aiofabric.default_provider()}" in p.stdout
-    assert "/sys/class/net" in p.stdout and "Traceback" not in p.stderr
+    assert "proposed DomainGroups" in p.stdout and "Traceback" not in p.stderr
     assert all(len(line) <= 100 for line in p.stdout.splitlines())
 
 
@@ -101,7 +100,7 @@ def test_main_info(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = call(capsys, "info")
     assert rc == 0 and err == ""
     assert "provider shm" in out and "provider tcp;ofi_rxm" in out
-    assert "RDMA devices" in out
+    assert "NICs (see docs/nics.md)" in out
 
 
 def test_main_info_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,7 +115,7 @@ def test_main_info_json(capsys: pytest.CaptureFixture[str]) -> None:
         (p.domain, p.cq_data_size, p.rma, list(p.mr_mode), p.inject_size) for p in expected
     ]
     assert set(shm[0]) >= {"fabric", "data_progress", "threading", "hmem", "max_msg_size"}
-    assert isinstance(doc["net_devices"], list) and isinstance(doc["rdma_devices"], list)
+    assert isinstance(doc["nics"], list) and isinstance(doc["groups"], list)
 
 
 def test_main_provider_filter(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,44 +145,6 @@ def test_main_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0 and aiofabric.__version__ in out and aiofabric.fabric_version() in out
 
 
-# --------------------------------------------------------------------- sysfs
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-
-
-def test_sysfs_devices(tmp_path: Path) -> None:
-    pci = tmp_path / "devices" / "pci0000:3a" / "0000:3b:00.0"
-    _write(pci / "numa_node", "1")
-    _write(tmp_path / "net" / "eth9" / "operstate", "up")
-    _write(tmp_path / "net" / "eth9" / "speed", "25000")
-    (tmp_path / "net" / "eth9" / "device").symlink_to(pci)
-    _write(tmp_path / "net" / "lo" / "operstate", "unknown")  # no speed, no device
-    _write(tmp_path / "net" / "veth0" / "speed", "-1")
-    virt = pci / "virtio3"  # device link one level below the PCI function, no numa_node of its own
-    virt.mkdir()
-    (tmp_path / "net" / "veth0" / "device").symlink_to(virt)
-    assert cli.rdma_devices(tmp_path) == []  # no /sys/class/infiniband
-    _write(tmp_path / "infiniband" / "mlx5_0" / "ports" / "1" / "state", "4: ACTIVE")
-    (tmp_path / "infiniband" / "mlx5_0" / "device").symlink_to(pci)
-    assert cli.net_devices(tmp_path) == [
-        {"name": "eth9", "operstate": "up", "speed_mbps": 25000, "numa_node": 1, "pci": "0000:3b:00.0"},
-        {"name": "lo", "operstate": "unknown", "speed_mbps": None, "numa_node": None, "pci": None},
-        {"name": "veth0", "operstate": None, "speed_mbps": None, "numa_node": 1, "pci": "0000:3b:00.0"},
-    ]
-    assert cli.rdma_devices(tmp_path) == [
-        {"name": "mlx5_0", "numa_node": 1, "pci": "0000:3b:00.0", "ports": {"1": "4: ACTIVE"}}
-    ]
-    assert cli.net_devices(tmp_path / "missing") == []
-
-
-@pytest.mark.skipif(not Path("/sys/class/net/lo").exists(), reason="needs Linux sysfs")
-def test_sysfs_real_loopback() -> None:
-    lo: dict[str, Any] = next(d for d in cli.net_devices() if d["name"] == "lo")
-    assert lo["pci"] is None and lo["operstate"] is not None
-
-
 def test_text_rendering_fits_100_columns() -> None:
     """A machine with RDMA NICs and every mr_mode flag (not this one): the table wraps."""
     mr = ["LOCAL", "VIRT_ADDR", "ALLOCATED", "PROV_KEY", "MMU_NOTIFY", "RMA_EVENT", "ENDPOINT", "HMEM"]
@@ -193,14 +154,13 @@ def test_text_rendering_fits_100_columns() -> None:
     doc = {"aiofabric_version": "0.1.0", "libfabric_version": "1.17", "default_provider": None,
            "default_provider_source": "preference", "default_provider_available": False,
            "providers": {"verbs;ofi_rxm": [domain]},
-           "net_devices": [{"name": "ib0", "operstate": "up", "speed_mbps": 200000, "numa_node": 0,
-                            "pci": "0000:3b:00.0"}],
-           "rdma_devices": [{"name": "mlx5_0", "numa_node": 0, "pci": "0000:3b:00.0",
-                             "ports": {"1": "4: ACTIVE", "2": "1: DOWN"}}]}
+           "nics": [{"name": "mlx5_0", "kind": "rdma", "speed_gbps": 200.0, "numa_node": 0,
+                     "pci": "0000:3b:00.0", "addresses": [], "state": "active", "netdevs": ["ib0"],
+                     "virtual": False}],
+           "groups": [["mlx5_0"]]}
     text = cli._text(doc)
     assert all(len(line) <= 100 for line in text.splitlines())
     assert "default provider: none\n" in text
     assert all(flag in text for flag in mr)
     assert "    mr_mode: LOCAL, VIRT_ADDR, " in text  # too wide for the table: on a line of its own
-    assert "1:ACTIVE,2:DOWN" in text and "200000" in text
-    assert "RDMA devices (/sys/class/infiniband)\n" in text
+    assert "mlx5_0" in text and "200" in text and "group 0: mlx5_0" in text

@@ -272,7 +272,7 @@ def test_info_json_has_nics_and_groups(capsys: pytest.CaptureFixture[str]) -> No
     assert set(doc["nics"][0]) == {"name", "kind", "speed_gbps", "numa_node", "pci", "addresses", "state",
                                    "netdevs", "virtual"}
     assert doc["groups"] == names(nics.group(found))
-    assert "net_devices" in doc and "rdma_devices" in doc  # the older keys stay
+    assert "net_devices" not in doc  # superseded by "nics"
 
 
 @pytest.mark.usefixtures("_loopback")
@@ -288,7 +288,7 @@ def test_info_text_rendering(sysfs: Path) -> None:
     found = nics.discover(sysfs, addresses={**ADDRS, "ib0": tuple(f"10.1.0.{i}" for i in range(1, 12))})
     doc = {"aiofabric_version": "0.1.0", "libfabric_version": "1.17", "default_provider": None,
            "default_provider_source": "preference", "default_provider_available": False, "providers": {},
-           "net_devices": [], "rdma_devices": [], "nics": [asdict(n) for n in found],
+           "nics": [asdict(n) for n in found],
            "groups": names(nics.group([n for n in found if n.kind == "net"]))}
     text = cli._text(doc)
     assert all(len(line) <= 100 for line in text.splitlines())
