@@ -33,6 +33,13 @@ class EngineConfig:
     close_timeout: seconds ``aclose()`` lets operations in flight finish
         before it fails them.
     max_peers: how many peer engines this engine can address.
+    peer_timeout: seconds within which a failed peer is detected: when a
+        peer's oldest operation makes no progress, a zero-byte probe is
+        written to it, and a peer that does not answer it within
+        peer_timeout is declared failed (a peer on this host whose process
+        exited is detected at the next check, every peer_timeout / 6).  Must
+        exceed the longest time one operation may legitimately take on one
+        path; ``float("inf")`` turns detection off.  See docs/failures.md.
     stripe_threshold: a single write of at least this many bytes to a peer
         reached over several NIC paths is split into one shard per path
         (shards rounded up to 4 KiB).  It still delivers exactly one
@@ -53,6 +60,7 @@ class EngineConfig:
     loop_spin_us: int = 200
     close_timeout: float = 2.0
     max_peers: int = 4096
+    peer_timeout: float = 3.0
     stripe_threshold: int = 256 * 1024
 
 
@@ -77,6 +85,7 @@ class EngineStatistics:
     pending_futures: int
     regions: int
     messages_waiting: int
+    failed_peers: int
     #: the provider refused FI_DELIVERY_COMPLETE, so a striped write's trailing
     #: immediate follows the shards' plain local completion (docs/multi-nic.md)
     fence_unconfirmed: bool = False

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ClosedResourceError
+
+if TYPE_CHECKING:
+    from .memory import Address
 
 __all__ = ["ImmCounter", "CounterStatistics"]
 
@@ -28,13 +31,15 @@ class ImmCounter:
     """Counts arrivals of one immediate value at this engine.  Get it with
     :meth:`TransferEngine.imm_counter`; one object per value."""
 
-    __slots__ = ("imm", "_loop", "_expect", "_available", "_total", "_waiters", "_closed")
+    __slots__ = ("imm", "_loop", "_expect", "_watch", "_available", "_total", "_waiters", "_closed")
 
     def __init__(self, imm: int, loop: asyncio.AbstractEventLoop,
-                 expect: Callable[[int], None] = lambda delta: None) -> None:
+                 expect: Callable[[int], None] = lambda delta: None,
+                 watch: Callable[[Any, asyncio.Future[Any]], Callable[[], None]] | None = None) -> None:
         self.imm = imm
         self._loop = loop
         self._expect = expect  # tells the worker someone awaits arrivals
+        self._watch = watch    # fails a wait when the peer it names fails
         self._available = 0
         self._total = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -63,33 +68,40 @@ class ImmCounter:
             return True
         return False
 
-    async def wait(self, n: int = 1) -> None:
+    async def wait(self, n: int = 1, *, peer: Address | None = None) -> None:
         """Wait for n unconsumed arrivals and consume them.
 
-        Raises ClosedResourceError if the engine closes first.  Cancelling the
-        waiting task consumes nothing: credit it was about to take is returned.
+        ``peer`` names the engine expected to deliver them: if it fails (see
+        ``EngineConfig.peer_timeout``) the wait raises BrokenResourceError
+        instead of waiting forever.  Raises ClosedResourceError if the engine
+        closes first.  Cancelling the waiting task (or a failure) consumes
+        nothing: credit it was about to take is returned.
         """
         if self.try_consume(n):
             return
+        if peer is not None and self._watch is None:
+            raise ValueError("this counter cannot watch peers")
         fut: asyncio.Future[None] = self._loop.create_future()
+        unwatch = self._watch(peer, fut) if peer is not None else None
         entry = (n, fut)
         self._waiters.append(entry)
         self._expect(1)
         try:
             await fut
-        except asyncio.CancelledError:
+        except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._available += n  # granted, then cancelled: give it back
-                self._serve()
             else:
                 try:
                     self._waiters.remove(entry)
                 except ValueError:
                     pass
-                self._serve()
+            self._serve()
             raise
         finally:
             self._expect(-1)
+            if unwatch is not None:
+                unwatch()
 
     def _add(self, k: int) -> None:
         self._total += k

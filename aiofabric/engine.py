@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections import deque
 from dataclasses import fields
-from typing import Any
+from typing import Any, Callable
 
 from . import wire
 from ._lib import check, ffi, lib, strerror
 from .config import EngineConfig, EngineStatistics, Message
 from .counters import ImmCounter
-from .errors import ClosedResourceError, ProtocolError, completion_error
+from .errors import BrokenResourceError, ClosedResourceError, ProtocolError, completion_error
+from .liveness import host_identity, process_alive, process_start
 from .memory import Address, MemoryRegion, RegionDescriptor, RegionView
 from .pages import check_pages
 
@@ -60,12 +62,25 @@ class TransferEngine:
         self.blocking_wait = all(waits)
         self._closed = False
         self._next_id = itertools.count(1).__next__
-        self._pending: dict[int, tuple[asyncio.Future[None], Any]] = {}
+        # id -> (future, source region or None, peer number or -1)
+        self._pending: dict[int, tuple[asyncio.Future[None], Any, int]] = {}
+        # Failure detection (see _tick): ops whose future failed early but whose
+        # native operation is still out (id -> region kept alive), probes in
+        # flight (id -> (peer, sent at)), failed peers, waits naming a peer.
+        self._orphans: dict[int, Any] = {}
+        self._probes: dict[int, tuple[int, float]] = {}
+        self._probing: dict[int, int] = {}
+        self._failed: dict[int, BrokenResourceError] = {}
+        self._watchers: dict[int, list[asyncio.Future[Any]]] = {}
+        self._peer_addr: dict[int, Address] = {}
+        self._stuck: dict[int, int] = {}
+        self._ticker: asyncio.TimerHandle | None = None
+        self._tick_s = max(0.05, config.peer_timeout / 6)
         self._peers: dict[Address, int] = {}
         self._keybufs: dict[tuple[int, ...], Any] = {}
         self._counters: dict[int, ImmCounter] = {}
         self._messages: deque[Message] = deque()
-        self._recv_waiters: deque[asyncio.Future[Message]] = deque()
+        self._recv_waiters: deque[tuple[asyncio.Future[Message], Address | None]] = deque()
         self._send_backlog: deque[tuple[int, bytes, int]] = deque()
         # Strong references: a registered buffer must outlive its registration
         # even if the caller drops the region object without closing it.
@@ -90,7 +105,7 @@ class TransferEngine:
         self.address = Address(
             wire.AddressBody(self.provider, incarnation[0],
                              tuple(wire.NicAddress(n, db_base, k) for n, k in zip(names, db_keys)),
-                             config.msg_size)
+                             config.msg_size, host_identity(), os.getpid(), max(0, process_start(os.getpid())))
         )
         self._msg_header = wire.encode_msg_header(self.address.to_bytes())
         self.max_message_size = config.msg_size - len(self._msg_header)
@@ -170,6 +185,9 @@ class TransferEngine:
             if rc < 0:
                 raise ProtocolError(f"peer address rejected by {self.provider}: {strerror(-rc)}")
             p = self._peers[owner] = int(out[0])
+            self._peer_addr[p] = owner
+        if self._failed and p in self._failed:
+            raise self._failed[p]
         return p
 
     def _keybuf(self, keys: tuple[int, ...]) -> Any:
@@ -229,7 +247,7 @@ class TransferEngine:
         else:
             raise _bad_imm(imm)
         dest = self._peers.get(dst.owner)
-        if dest is None:
+        if dest is None or self._failed:
             dest = self._peer(dst.owner)
         kb = self._keybufs.get(dst.keys)
         if kb is None:
@@ -239,8 +257,10 @@ class TransferEngine:
         if rc:
             check(rc, "write")
         fut = self._loop.create_future()
-        self._pending[i] = (fut, region)
+        self._pending[i] = (fut, region, dest)
         region._inflight += 1
+        if self._ticker is None:
+            self._arm_ticker()
         return fut
 
     def write_pages(self, src: MemoryRegion | RegionView, dst: RegionDescriptor, page_size: int,
@@ -272,8 +292,10 @@ class TransferEngine:
             self._h, i, region._ptr + off, region._mr, dest, dst.addr, self._keybuf(dst.keys), page, sstride,
             dstride,
             ffi.from_buffer("int64_t[]", sidx), ffi.from_buffer("int64_t[]", didx), len(sidx), v), "write_pages")
-        self._pending[i] = (fut, region)
+        self._pending[i] = (fut, region, dest)
         region._inflight += 1
+        if self._ticker is None:
+            self._arm_ticker()
         return fut
 
     def scatter(self, pairs: Any, *, imm: int | None = None) -> asyncio.Future[list[None]]:
@@ -341,13 +363,15 @@ class TransferEngine:
             raise _bad_imm(imm)
         nics = peer._body.nics
         dest = self._peers.get(peer)
-        if dest is None:
+        if dest is None or self._failed:
             dest = self._peer(peer)
         i = self._next_id()
         check(lib.afc_write(self._h, i, self._doorbell_ptr, 0, self._doorbell[0], dest, nics[0].doorbell_addr,
                             self._keybuf(tuple(n.doorbell_key for n in nics)), imm), "notify")
         fut = self._loop.create_future()
-        self._pending[i] = (fut, None)
+        self._pending[i] = (fut, None, dest)
+        if self._ticker is None:
+            self._arm_ticker()
         return fut
 
     def send(self, peer: Address, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
@@ -368,7 +392,9 @@ class TransferEngine:
         dest = self._peer(peer)
         i = self._next_id()
         fut = self._loop.create_future()
-        self._pending[i] = (fut, None)
+        self._pending[i] = (fut, None, dest)
+        if self._ticker is None:
+            self._arm_ticker()
         if self._send_backlog or not self._post_send(i, data, dest):
             self._send_backlog.append((i, data, dest))
         return fut
@@ -379,31 +405,43 @@ class TransferEngine:
         if rc == -lib.FI_EAGAIN:
             return False
         if rc:
-            fut, _ = self._pending.pop(i)
+            fut, _, _ = self._pending.pop(i)
             fut.set_exception(completion_error("send", -rc, 0, strerror(-rc)))
         return True
 
-    async def recv(self) -> Message:
-        """The next message from any peer.  Cancelling loses no message."""
-        if self._messages:
-            return self._messages.popleft()
+    async def recv(self, peer: Address | None = None) -> Message:
+        """The next message from any peer, or only from ``peer``.
+
+        Naming a peer also watches it: if it fails (see ``peer_timeout``) the
+        call raises BrokenResourceError.  Cancelling loses no message.
+        """
+        if peer is not None and type(peer) is not Address:
+            raise TypeError(f"peer must be an Address or None, not {type(peer).__name__}")
+        for k, msg in enumerate(self._messages):
+            if peer is None or msg.sender == peer:
+                del self._messages[k]
+                return msg
         self._check_open()
         fut: asyncio.Future[Message] = self._loop.create_future()
-        self._recv_waiters.append(fut)
+        unwatch = self._watch(peer, fut) if peer is not None else None
+        entry = (fut, peer)
+        self._recv_waiters.append(entry)
         self._expect(1)
         try:
             return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._messages.appendleft(fut.result())
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._messages.appendleft(fut.result())  # delivered, then cancelled: keep it
             else:
                 try:
-                    self._recv_waiters.remove(fut)
+                    self._recv_waiters.remove(entry)
                 except ValueError:
                     pass
             raise
         finally:
             self._expect(-1)
+            if unwatch is not None:
+                unwatch()
 
     def _expect(self, delta: int) -> None:
         if not self._closed:
@@ -437,7 +475,7 @@ class TransferEngine:
             raise _bad_imm(imm)
         c = self._counters.get(imm)
         if c is None:
-            c = self._counters[imm] = ImmCounter(imm, self._loop, self._expect)
+            c = self._counters[imm] = ImmCounter(imm, self._loop, self._expect, self._watch)
             if self._closed:
                 c._close(ClosedResourceError("engine is closed"))
         return c
@@ -453,7 +491,11 @@ class TransferEngine:
             total += n + nev[0]
             if n:
                 for i in ffi.unpack(ok, n):
-                    fut, region = pending.pop(i, _NO_OP)
+                    entry = pending.pop(i, None)
+                    if entry is None:
+                        self._on_orphan(i, None)
+                        continue
+                    fut, region, _ = entry
                     if region is not None:
                         region._inflight -= 1
                         if region._closed and region._inflight == 0:
@@ -478,18 +520,28 @@ class TransferEngine:
             v = int(e.data)
             c = self._counters.get(v)
             if c is None:
-                c = self._counters[v] = ImmCounter(v, self._loop, self._expect)
+                c = self._counters[v] = ImmCounter(v, self._loop, self._expect, self._watch)
             c._add(int(e.aux))
         elif kind == lib.AFC_EV_RECV:
             self._on_message(int(e.id), int(e.data))
         elif kind == lib.AFC_EV_ERROR:
-            fut, region = self._pending.pop(int(e.id), _NO_OP)
+            exc = completion_error("transfer failed", e.err, int(ffi.cast("int64_t", e.data)), strerror(e.err))
+            i = int(e.id)
+            entry = self._pending.pop(i, None)
+            if entry is None:
+                self._on_orphan(i, exc)
+                return
+            fut, region, peer = entry
             if region is not None:
                 region._inflight -= 1
                 if region._closed and region._inflight == 0:
                     self._release_region(region)
+            if peer >= 0 and peer in self._failed:
+                exc = self._failed[peer]
             if not fut.done():
-                fut.set_exception(completion_error("transfer failed", e.err, int(ffi.cast("int64_t", e.data)), strerror(e.err)))
+                fut.set_exception(exc)
+            if isinstance(exc, BrokenResourceError) and peer >= 0 and peer not in self._failed:
+                self._fail_peer(peer, str(exc))
         elif kind == lib.AFC_EV_RERROR:
             self._remote_errors += 1
 
@@ -502,12 +554,123 @@ class TransferEngine:
         except ProtocolError:
             self._remote_errors += 1  # a malformed frame is dropped, never delivered
             return
-        while self._recv_waiters:
-            fut = self._recv_waiters.popleft()
-            if not fut.done():
-                fut.set_result(msg)
-                return
+        for k, (fut, want) in enumerate(self._recv_waiters):
+            if fut.done() or (want is not None and want != msg.sender):
+                continue
+            del self._recv_waiters[k]
+            fut.set_result(msg)
+            return
         self._messages.append(msg)
+
+    # -- peer failure detection ----------------------------------------------
+    #
+    # Nothing here costs anything while all is well: the ticker runs only while
+    # operations are pending or waits name a peer, and looks at the oldest
+    # pending operation per peer once per tick (peer_timeout / 6).  A peer is
+    # declared failed when (1) an operation to it fails with a connection
+    # error, (2) it runs on this host and its process has exited, or (3) its
+    # oldest operation made no progress for a tick and a zero-byte probe
+    # write is not answered within peer_timeout.  See docs/failures.md.
+
+    def _arm_ticker(self) -> None:
+        if not self._closed and self.config.peer_timeout != float("inf"):
+            self._ticker = self._loop.call_later(self._tick_s, self._tick)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        oldest: dict[int, int] = {}
+        for i, entry in self._pending.items():  # ids ascend: the first per peer is its oldest
+            peer = entry[2]
+            if peer >= 0 and peer not in oldest:
+                oldest[peer] = i
+        me = self.address._body
+        for peer in set(oldest) | set(self._watchers):
+            if peer in self._failed:
+                continue
+            body = self._peer_addr[peer]._body
+            if body.host and body.host == me.host and not process_alive(body.pid, body.pstart):
+                self._fail_peer(peer, f"its process {body.pid} on this host has exited")
+                continue
+            probe = self._probing.get(peer)
+            if probe is not None:
+                if now - self._probes[probe][1] > self.config.peer_timeout:
+                    self._fail_peer(peer, f"no answer to a probe within peer_timeout={self.config.peer_timeout:g} s")
+            elif peer in self._watchers or self._stuck.get(peer) == oldest.get(peer):
+                self._probe(peer, now)
+        self._stuck = oldest
+        if self._pending or self._watchers or self._probes:
+            self._arm_ticker()
+
+    def _probe(self, peer: int, now: float) -> None:
+        """A zero-byte write without an immediate into the peer's doorbell:
+        its completion proves the peer's NIC and provider still answer."""
+        nics = self._peer_addr[peer]._body.nics
+        i = self._next_id()
+        rc = lib.afc_write(self._h, i, self._doorbell_ptr, 0, self._doorbell[0], peer, nics[0].doorbell_addr,
+                           self._keybuf(tuple(n.doorbell_key for n in nics)), -1)
+        if rc == 0:
+            self._probes[i] = (peer, now)
+            self._probing[peer] = i
+
+    def _on_orphan(self, i: int, exc: BaseException | None) -> None:
+        """The completion of a probe, or of an operation whose future already
+        failed with its peer."""
+        probe = self._probes.pop(i, None)
+        if probe is not None:
+            peer = probe[0]
+            self._probing.pop(peer, None)
+            if exc is not None and peer not in self._failed:
+                self._fail_peer(peer, f"a probe failed: {exc}")
+            return
+        region = self._orphans.pop(i, None)
+        if region is not None:
+            region._inflight -= 1
+            if region._closed and region._inflight == 0:
+                self._release_region(region)
+
+    def _fail_peer(self, peer: int, reason: str) -> None:
+        addr = self._peer_addr[peer]
+        exc = BrokenResourceError(f"peer {addr!r} failed: {reason}")
+        self._failed[peer] = exc
+        for i in [i for i, entry in self._pending.items() if entry[2] == peer]:
+            fut, region, _ = self._pending.pop(i)
+            if region is not None:
+                self._orphans[i] = region  # its buffer stays registered until the real completion
+            if not fut.done():
+                fut.set_exception(exc)
+        for fut in self._watchers.pop(peer, ()):
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _watch(self, peer: Address, fut: asyncio.Future[Any]) -> Callable[[], None]:
+        """Fail ``fut`` if ``peer`` fails; returns the function that stops watching."""
+        if type(peer) is not Address:
+            raise TypeError(f"peer must be an Address, not {type(peer).__name__}")
+        self._check_open()
+        p = self._peer(peer)  # raises BrokenResourceError if it already failed
+        self._watchers.setdefault(p, []).append(fut)
+        if self._ticker is None:
+            self._arm_ticker()
+
+        def unwatch() -> None:
+            futs = self._watchers.get(p)
+            if futs is not None:
+                try:
+                    futs.remove(fut)
+                except ValueError:
+                    pass
+                if not futs:
+                    del self._watchers[p]
+
+        return unwatch
+
+    def peer_failed(self, peer: Address) -> BrokenResourceError | None:
+        """The error ``peer`` failed with, or None while it is not known to have failed."""
+        p = self._peers.get(peer)
+        return None if p is None else self._failed.get(p)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -529,6 +692,7 @@ class TransferEngine:
             bytes_per_nic=tuple(int(s.rail_bytes[r]) for r in range(len(self.nics))),
             queued=int(s.sq_depth) + len(self._send_backlog),
             pending_futures=len(self._pending),
+            failed_peers=len(self._failed),
             regions=len(self._regions),
             messages_waiting=len(self._messages),
             **{**vals, "fence_unconfirmed": bool(s.fence_unconfirmed)},
@@ -558,15 +722,20 @@ class TransferEngine:
         self._loop.remove_reader(self._fd)
         lib.afc_stop(self._h)  # joins the worker: nothing touches buffers after this
         exc = ClosedResourceError("engine closed with the operation in flight")
-        for fut, _ in self._pending.values():
+        for fut, _, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
+        self._orphans.clear()
+        self._probes.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         self._send_backlog.clear()
         for c in self._counters.values():
             c._close(ClosedResourceError("engine is closed"))
         while self._recv_waiters:
-            fut = self._recv_waiters.popleft()
+            fut, _ = self._recv_waiters.popleft()
             if not fut.done():
                 fut.set_exception(ClosedResourceError("engine is closed"))
         for region in list(self._regions):
@@ -590,15 +759,6 @@ class TransferEngine:
         return f"<TransferEngine {self.provider} {'+'.join(self.nics)} {state}>"
 
 
-class _Orphan:
-    """Stands in for the future of an id Python does not know (never expected)."""
-
-    @staticmethod
-    def done() -> bool:
-        return True
-
-
-_NO_OP = (_Orphan, None)
 
 
 def _bad_imm(imm: object) -> Exception:

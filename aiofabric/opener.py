@@ -96,6 +96,8 @@ def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[
         v = getattr(config, name)
         if v <= 0 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}")
+    if not config.peer_timeout > 0:
+        raise ValueError(f"peer_timeout must be positive (inf: no detection), got {config.peer_timeout}")
     for name in ("max_peers", "stripe_threshold"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")

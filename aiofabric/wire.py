@@ -3,8 +3,13 @@ header.  No libfabric here, so it is tested (and fuzzed) on its own.
 
 Every encoding is msgpack, tagged and versioned::
 
-    address    ["af.addr", 1, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...], max_frame]
-    descriptor ["af.region", 1, <address body>, addr, nbytes, [key, ...]]
+    address    ["af.addr", 2, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...], max_frame,
+                host, pid, pstart]
+    descriptor ["af.region", 2, <address body>, addr, nbytes, [key, ...]]
+
+``host`` identifies the kernel and PID namespace the engine runs in (0:
+unknown), ``pid``/``pstart`` its process and that process's start time, so
+a peer on the same host can tell at once that the process has exited.
 
 Decoding never trusts its input: sizes are capped before and during
 unpacking, every field is type- and range-checked, and any failure is a
@@ -36,7 +41,7 @@ __all__ = [
     "decode_msg_header",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_NICS = 4
 MAX_NIC_NAME = 256
 MAX_PROVIDER = 64
@@ -65,6 +70,9 @@ class AddressBody(NamedTuple):
     incarnation: int
     nics: tuple[NicAddress, ...]
     max_frame: int = 65536  #: largest message frame this engine receives
+    host: int = 0    #: kernel + PID namespace identity (0: unknown)
+    pid: int = 0     #: process id in that namespace (0: unknown)
+    pstart: int = 0  #: the process's start time in clock ticks since boot
 
 
 class DescriptorBody(NamedTuple):
@@ -115,10 +123,15 @@ def _header(obj: Any, tag: str, n: int, what: str) -> list:
 
 
 def _address_fields(a: AddressBody) -> list:
-    return [a.provider, a.incarnation, [[n.name, n.doorbell_addr, n.doorbell_key] for n in a.nics], a.max_frame]
+    return [a.provider, a.incarnation, [[n.name, n.doorbell_addr, n.doorbell_key] for n in a.nics], a.max_frame,
+            a.host, a.pid, a.pstart]
 
 
-def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, max_frame: Any, what: str) -> AddressBody:
+_ADDRESS_FIELDS = 7
+
+
+def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, max_frame: Any, host: Any, pid: Any,
+                          pstart: Any, what: str) -> AddressBody:
     if type(provider) is not str or not provider:
         raise ProtocolError(f"{what}: provider must be a non-empty string")
     inc = _int(incarnation, U64, f"{what}: incarnation")
@@ -134,7 +147,8 @@ def _parse_address_fields(provider: Any, incarnation: Any, nics: Any, max_frame:
     frame = _int(max_frame, U32, f"{what}: max_frame")
     if frame < MIN_FRAME:
         raise ProtocolError(f"{what}: max_frame {frame} is below {MIN_FRAME}")
-    return AddressBody(provider, inc, tuple(out), frame)
+    return AddressBody(provider, inc, tuple(out), frame, _int(host, U64, f"{what}: host"),
+                       _int(pid, U32, f"{what}: pid"), _int(pstart, U64, f"{what}: pstart"))
 
 
 def encode_address(a: AddressBody) -> bytes:
@@ -142,8 +156,8 @@ def encode_address(a: AddressBody) -> bytes:
 
 
 def decode_address(blob: Any) -> AddressBody:
-    obj = _header(_unpack(blob, MAX_ADDRESS_BYTES, "address"), _ADDR_TAG, 6, "address")
-    return _parse_address_fields(obj[2], obj[3], obj[4], obj[5], "address")
+    obj = _header(_unpack(blob, MAX_ADDRESS_BYTES, "address"), _ADDR_TAG, 2 + _ADDRESS_FIELDS, "address")
+    return _parse_address_fields(*obj[2:], "address")
 
 
 def encode_descriptor(d: DescriptorBody) -> bytes:
@@ -155,7 +169,7 @@ def encode_descriptor(d: DescriptorBody) -> bytes:
 
 def decode_descriptor(blob: Any) -> DescriptorBody:
     obj = _header(_unpack(blob, MAX_DESCRIPTOR_BYTES, "descriptor"), _DESC_TAG, 6, "descriptor")
-    owner = _parse_address_fields(*_list(obj[2], 4, "descriptor: owner"), "descriptor: owner")
+    owner = _parse_address_fields(*_list(obj[2], _ADDRESS_FIELDS, "descriptor: owner"), "descriptor: owner")
     addr = _int(obj[3], U64, "descriptor: addr")
     nbytes = _int(obj[4], U64, "descriptor: nbytes")
     if addr + nbytes > U64 + 1:

@@ -57,7 +57,8 @@ def make_address(provider: str = "shm", incarnation: int = 1, nics: int = 1) -> 
 
 # Raw encodings are built from the encoder's own output, then one field is
 # replaced (bypassing the encoder's types), so they follow the wire format.
-ADDR_FIELDS = {"tag": 0, "version": 1, "provider": 2, "incarnation": 3, "nics": 4, "max_frame": 5}
+ADDR_FIELDS = {"tag": 0, "version": 1, "provider": 2, "incarnation": 3, "nics": 4, "max_frame": 5,
+               "host": 6, "pid": 7, "pstart": 8}
 DESC_FIELDS = {"tag": 0, "version": 1, "owner": 2, "addr": 3, "nbytes": 4, "keys": 5}
 
 
@@ -185,7 +186,7 @@ def test_oversized_input_rejected() -> None:
         wire.decode_address(raw_address(nics=[[b"n", 0, 5]] * 17))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255, -1, True, 1.0, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, 255, -1, True, 2.0, "2", None, [2]])
 def test_wrong_version_rejected(version: Any) -> None:
     with pytest.raises(ProtocolError):
         wire.decode_address(raw_address(version=version))
@@ -334,7 +335,7 @@ def test_msg_header_bad_magic_and_version_rejected() -> None:
         bad[i] ^= 0x20
         with pytest.raises(ProtocolError, match="magic"):
             wire.decode_msg_header(bytes(bad))
-    for version in (0, 2, 255):
+    for version in (0, 1, 3, 255):
         bad = bytearray(frame)
         bad[3] = version
         with pytest.raises(ProtocolError, match="version"):
