@@ -28,3 +28,16 @@ def target(provider: str, size: int, conn) -> None:
             conn.recv()  # stay open until told
 
     asyncio.run(main())
+
+
+def victim(provider: str, size: int, conn) -> None:
+    """Register `size` bytes, publish address and descriptor, then serve
+    until killed (the peer-failure tests SIGKILL this process)."""
+
+    async def main() -> None:
+        async with af.open_engine(provider) as eng:
+            region = eng.register(bytearray(size))
+            conn.send((eng.address.to_bytes(), region.descriptor().to_bytes()))
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())

@@ -11,6 +11,8 @@ talks to its parent over stdin/stdout, one line per step.
         pages PAGE N IMM        N pages of PAGE bytes, shuffled; -> DONE <json>
         bench SIZE INFLIGHT SECONDS  keep INFLIGHT writes of SIZE in flight; -> DONE <json>
         benchpages PAGE N INFLIGHT SECONDS  the same with write_pages calls of N pages
+        waitpeer IMM            wait for IMM naming the target while writing to it every 50 ms,
+                                until both fail; -> DONE <json> with the errors
         bye                     exit
 
 NICS is a comma-separated list of interface names.  The data written is the
@@ -100,6 +102,19 @@ async def initiator(provider: str, nics: list[str]) -> None:
             elif cmd[0] == "bench":
                 size, inflight, seconds = int(cmd[1]), int(cmd[2]), float(cmd[3])
                 moved = await _bench(eng, region, desc, size, inflight, seconds)
+            elif cmd[0] == "waitpeer":
+                _say("WAITING")
+
+                async def keep_writing() -> None:
+                    while True:
+                        await eng.write(region[0:65536], desc[0:65536])
+                        await asyncio.sleep(0.05)
+
+                res = await asyncio.gather(eng.imm_counter(int(cmd[1])).wait(1, peer=desc.owner),
+                                           keep_writing(), return_exceptions=True)
+                _say("DONE", json.dumps({"errors": [type(r).__name__ for r in res],
+                                         "messages": [str(r) for r in res]}))
+                continue
             else:  # benchpages
                 page, n, inflight, seconds = int(cmd[1]), int(cmd[2]), int(cmd[3]), float(cmd[4])
                 moved = await _bench(eng, region, desc, page * n, inflight, seconds, page)

@@ -154,3 +154,27 @@ def test_one_nic_writes_to_two():
             assert w["sha256"] == expected_sha(size, size)
         finally:
             assert "rc=0" in pair.close().split(" | ")[0]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_peer_whose_nic_goes_away_is_detected(provider):
+    """The target's process lives on but its only NIC goes down: probes go
+    unanswered and the initiator's wait and writes fail within peer_timeout
+    (3 s) plus a few checks (peer_timeout / 6 each)."""
+    with NetRig(rails=1) as rig:
+        pair = Pair(rig, provider, [0], [0], 1 << 20)
+        try:
+            pair.tell(pair.ini, "waitpeer 9")
+            pair.expect(pair.ini, "WAITING")
+            import time
+
+            time.sleep(0.3)
+            rig.run("b", ["ip", "link", "set", rig.rails[0].if_b, "down"])
+            t0 = time.monotonic()
+            done = json.loads(pair.expect(pair.ini, "DONE", timeout=30)[0])
+            took = time.monotonic() - t0
+            print(f"\n{provider}: NIC down detected after {took:.2f} s: {done['messages'][0]}")
+            assert done["errors"] == ["BrokenResourceError", "BrokenResourceError"], done
+            assert took < 3.0 + 2.0, took
+        finally:
+            pair.close()
