@@ -9,7 +9,7 @@ __all__ = ["EngineConfig", "EngineStatistics", "Message", "NATIVE_FIELDS"]
 
 NATIVE_FIELDS = frozenset(
     "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post "
-    "max_peers stripe_threshold".split()
+    "max_peers stripe_threshold poll_pause_ns".split()
 )
 
 
@@ -60,6 +60,7 @@ class EngineConfig:
     loop_spin_us: int = 200
     close_timeout: float = 2.0
     max_peers: int = 4096
+    poll_pause_ns: int = 2000
     peer_timeout: float = 3.0
     stripe_threshold: int = 256 * 1024
 

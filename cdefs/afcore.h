@@ -30,6 +30,7 @@ struct afc_config {
     uint32_t wait_spin_us;     /* ... and this long while Python awaits inbound traffic */
     uint32_t idle_ms;          /* longest block when idle (progress still runs this often) */
     uint32_t direct_post;      /* 1: the calling thread posts; 0: the worker posts */
+    uint32_t poll_pause_ns;    /* pause between polls after activity (0: sched_yield) */
     uint32_t max_peers;        /* size of the peer table */
     uint64_t stripe_threshold;       /* single writes of at least this many bytes are striped */
 };
@@ -56,6 +57,7 @@ struct afc_info {
     int32_t data_progress;
     int32_t threading;
     int32_t wait_fd;           /* 1 when the worker can block on the completion queue */
+    int32_t rx_events;         /* 1 when remote writes landing here are counted (FI_RMA_EVENT) */
 };
 
 struct afc_stats {

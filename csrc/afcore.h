@@ -83,6 +83,8 @@ struct afc_rail {
     struct fid_cq *cq;
     struct fid_ep *ep;
     int cq_fd; /* provider's wait fd, -1 when it has none */
+    struct fid_cntr *rx_cntr; /* remote writes that landed here (FI_RMA_EVENT), or NULL */
+    uint64_t rx_seen;         /* its value at the last poll */
     atomic_uint_fast64_t bytes_posted;
 };
 

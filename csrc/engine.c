@@ -29,6 +29,7 @@ void afc_default_config(struct afc_config *cfg)
     cfg->idle_ms = 10;
     cfg->direct_post = 0;
     cfg->max_peers = 4096;
+    cfg->poll_pause_ns = 2000;
     cfg->stripe_threshold = 256 * 1024;
 }
 
@@ -50,13 +51,13 @@ static int fail(char *errbuf, size_t errlen, int rc, const char *fmt, ...)
 
 static int is_pow2(uint32_t v) { return v && !(v & (v - 1)); }
 
-static struct fi_info *make_hints(const struct afc_config *cfg, const char *domain)
+static struct fi_info *make_hints(const struct afc_config *cfg, const char *domain, uint64_t extra_caps)
 {
     struct fi_info *h = fi_allocinfo();
     if (!h)
         return NULL;
     h->ep_attr->type = FI_EP_RDM;
-    h->caps = FI_MSG | FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+    h->caps = FI_MSG | FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE | extra_caps;
     h->mode = FI_CONTEXT | FI_CONTEXT2;
     h->domain_attr->mr_mode = AFC_MR_MODES;
     h->domain_attr->threading = FI_THREAD_DOMAIN;
@@ -166,11 +167,27 @@ static int open_rail(afc_engine *e, uint32_t r, const struct afc_config *cfg, co
                      char *errbuf, size_t errlen)
 {
     struct afc_rail *rl = &e->rail[r];
-    struct fi_info *hints = make_hints(cfg, domain);
-    if (!hints)
-        return fail(errbuf, errlen, -FI_ENOMEM, "fi_allocinfo");
-    int rc = fi_getinfo(FI_VERSION(1, 9), cfg->node, NULL, 0, hints, &rl->info);
-    fi_freeinfo(hints);
+    /* Prefer a provider that can count remote writes landing here
+     * (FI_RMA_EVENT): the worker then sees inbound traffic that produces no
+     * completion entries and keeps polling while it flows. */
+    int rc = -FI_ENODATA;
+    for (int with_events = 1; with_events >= 0 && rc; with_events--) {
+        struct fi_info *hints = make_hints(cfg, domain, with_events ? FI_RMA_EVENT : 0);
+        if (!hints)
+            return fail(errbuf, errlen, -FI_ENOMEM, "fi_allocinfo");
+        rc = fi_getinfo(FI_VERSION(1, 9), cfg->node, NULL, 0, hints, &rl->info);
+        fi_freeinfo(hints);
+        if (rc == 0 && domain) { /* the event-capable list must still have this NIC */
+            struct fi_info *x = rl->info;
+            while (x && !(x->domain_attr->name && strcmp(x->domain_attr->name, domain) == 0))
+                x = x->next;
+            if (!x && with_events) {
+                fi_freeinfo(rl->info);
+                rl->info = NULL;
+                rc = -FI_ENODATA;
+            }
+        }
+    }
     if (rc)
         return fail(errbuf, errlen, rc, "fi_getinfo(provider=%s, domain=%s)",
                     cfg->provider ? cfg->provider : "any", domain ? domain : "any");
@@ -213,6 +230,14 @@ static int open_rail(afc_engine *e, uint32_t r, const struct afc_config *cfg, co
         return fail(errbuf, errlen, rc, "fi_ep_bind(av)");
     if ((rc = fi_ep_bind(rl->ep, &rl->cq->fid, FI_TRANSMIT | FI_RECV)))
         return fail(errbuf, errlen, rc, "fi_ep_bind(cq)");
+    if (fi->caps & FI_RMA_EVENT) {
+        struct fi_cntr_attr ca = {.events = FI_CNTR_EVENTS_COMP, .wait_obj = FI_WAIT_NONE};
+        if (fi_cntr_open(rl->domain, &ca, &rl->rx_cntr, NULL) == 0 &&
+            fi_ep_bind(rl->ep, &rl->rx_cntr->fid, FI_REMOTE_WRITE) != 0) {
+            fi_close(&rl->rx_cntr->fid); /* optional: poll without it */
+            rl->rx_cntr = NULL;
+        }
+    }
     if ((rc = fi_enable(rl->ep)))
         return fail(errbuf, errlen, rc, "fi_enable");
     return 0;
@@ -244,7 +269,7 @@ int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_
 {
     *out = NULL;
     if (!is_pow2(cfg->sq_slots) || !is_pow2(cfg->eq_slots) || !cfg->max_ops || !cfg->recv_slots ||
-        !cfg->send_slots || cfg->msg_size < 64 || !cfg->max_peers || cfg->max_peers > (1u << 24))
+        !cfg->send_slots || cfg->msg_size < 64 || !cfg->max_peers || cfg->max_peers > (1u << 24) || cfg->poll_pause_ns >= 1000000000u)
         return fail(errbuf, errlen, -FI_EINVAL, "invalid engine configuration");
     afc_engine *e = calloc(1, sizeof *e);
     if (!e)
@@ -315,6 +340,7 @@ void afc_close(afc_engine *e)
         struct afc_rail *rl = &e->rail[r];
         close_fid(rl->av ? &rl->av->fid : NULL);
         close_fid(rl->cq ? &rl->cq->fid : NULL);
+        close_fid(rl->rx_cntr ? &rl->rx_cntr->fid : NULL);
         close_fid(rl->domain ? &rl->domain->fid : NULL);
         close_fid(rl->fabric ? &rl->fabric->fid : NULL);
         if (rl->info)
@@ -376,6 +402,7 @@ void afc_get_info(afc_engine *e, uint32_t rail, struct afc_info *o)
     o->data_progress = fi->domain_attr->data_progress;
     o->threading = fi->domain_attr->threading;
     o->wait_fd = rl->cq_fd >= 0;
+    o->rx_events = rl->rx_cntr != NULL;
     size_t len = 0;
     fi_getname(&rl->ep->fid, NULL, &len);
     o->addr_len = (uint32_t)len;

@@ -438,8 +438,17 @@ static int poll_rail(afc_engine *e, struct afc_rail *rl)
 static int poll_cq(afc_engine *e)
 {
     int n = 0;
-    for (uint32_t r = 0; r < e->n_rails; r++)
-        n += poll_rail(e, &e->rail[r]);
+    for (uint32_t r = 0; r < e->n_rails; r++) {
+        struct afc_rail *rl = &e->rail[r];
+        n += poll_rail(e, rl);
+        if (rl->rx_cntr) { /* remote writes without completion entries are activity too */
+            uint64_t v = fi_cntr_read(rl->rx_cntr);
+            if (v != rl->rx_seen) {
+                rl->rx_seen = v;
+                n++;
+            }
+        }
+    }
     return n;
 }
 
@@ -513,6 +522,7 @@ void *afc_worker_main(void *arg)
     const int max_sleep_us = (int)e->cfg.idle_ms * 1000;
     uint64_t last_active = afc_now_ns();
     int sleep_us = 50;
+    const struct timespec pause = {0, (long)e->cfg.poll_pause_ns};
 
     while (!atomic_load_explicit(&e->stop, memory_order_relaxed)) {
         /* While the event loop polls for itself (loop_spin_us), one poller per
@@ -540,10 +550,12 @@ void *afc_worker_main(void *arg)
                               ? wait_spin_ns
                               : spin_ns;
         if (afc_now_ns() - last_active < window) {
-            /* Polling, but give the core away for a moment: on small machines the
-             * event loop that must run next may be waiting for it. */
-            struct timespec pause = {0, 2000};
-            nanosleep(&pause, NULL);
+            /* Polling, but let a thread that waits for this core run first (on
+             * small machines the event loop that must run next may be one). */
+            if (pause.tv_nsec)
+                nanosleep(&pause, NULL);
+            else
+                sched_yield();
             continue;
         }
         /* Idle.  With a wait fd block long; without one back off up to 1 ms. */
