@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import fields
 from typing import Any, Callable
 
-from . import wire
+from . import gpu, wire
 from ._lib import check, ffi, lib, strerror
 from .config import EngineConfig, EngineStatistics, Message
 from .counters import ImmCounter
@@ -81,10 +81,11 @@ class TransferEngine:
         self._counters: dict[int, ImmCounter] = {}
         self._messages: deque[Message] = deque()
         self._recv_waiters: deque[tuple[asyncio.Future[Message], Address | None]] = deque()
-        self._send_backlog: deque[tuple[int, bytes, int]] = deque()
+        self._send_backlog: deque[tuple[int, bytes, int, bytes]] = deque()
         # Strong references: a registered buffer must outlive its registration
         # even if the caller drops the region object without closing it.
         self._regions: set[MemoryRegion] = set()
+        self._gpu: gpu.GpuPath | None = None  # the NVLink path, made on first use
         self._remote_errors = 0
         self._expecting = 0
         self._polling = False
@@ -108,6 +109,7 @@ class TransferEngine:
                              config.msg_size, host_identity(), os.getpid(), max(0, process_start(os.getpid())))
         )
         self._msg_header = wire.encode_msg_header(self.address.to_bytes())
+        self._credit_header = wire.encode_credit_header(self.address.to_bytes())
         self.max_message_size = config.msg_size - len(self._msg_header)
         self._fd = lib.afc_event_fd(handle)
         loop.add_reader(self._fd, self._on_events)
@@ -132,6 +134,9 @@ class TransferEngine:
         how to raise the locked-memory limit when that is the cause).
         """
         self._check_open()
+        cuda = gpu.cuda_buffer(buf)
+        if cuda is not None:
+            return self._register_gpu(buf, cuda, bool(remote_write), bool(remote_read))
         try:
             cdata = ffi.from_buffer(buf, require_writable=True)
             readonly = False
@@ -161,6 +166,26 @@ class TransferEngine:
         region._remote_base = base
         self._regions.add(region)
         return region
+
+    def _register_gpu(self, buf: Any, cuda: gpu.CudaBuffer, remote_write: bool,
+                      remote_read: bool) -> MemoryRegion:
+        """GPU memory: no libfabric registration here (no FI_HMEM in this
+        libfabric); peers on this host write it over NVLink through the CUDA
+        IPC handle its descriptor carries."""
+        region = MemoryRegion(self, buf, cuda.keep, cuda.ptr, cuda.nbytes, False, remote_write, remote_read)
+        region.device = cuda.device
+        region._keys = (0,) * len(self.nics)
+        region._remote_base = cuda.ptr
+        if remote_write or remote_read:
+            h = gpu.gpu_handle(cuda)
+            region._gpu = wire.GpuBody(h.device, h.ipc, h.base)
+        self._regions.add(region)
+        return region
+
+    def _gpu_path(self) -> gpu.GpuPath:
+        if self._gpu is None:
+            self._gpu = gpu.GpuPath(self)
+        return self._gpu
 
     def _release_region(self, region: MemoryRegion) -> None:
         if region._inflight == 0 and region._mr is not None and not self._closed:
@@ -246,6 +271,8 @@ class TransferEngine:
             v = imm
         else:
             raise _bad_imm(imm)
+        if region.device is not None or dst.gpu is not None:
+            return self._gpu_path().write(region, off, n, dst, v)
         dest = self._peers.get(dst.owner)
         if dest is None or self._failed:
             dest = self._peer(dst.owner)
@@ -282,6 +309,8 @@ class TransferEngine:
         v = self._imm_value(imm)
         page, sstride, dstride, sidx, didx = check_pages(
             page_size, src_pages, dst_pages, src_stride, dst_stride, src.nbytes, dst.nbytes)
+        if len(sidx) and (region.device is not None or dst.gpu is not None):
+            return self._gpu_path().write_pages(region, off, dst, page, sstride, dstride, sidx, didx, v)
         fut = self._loop.create_future()
         if len(sidx) == 0:
             fut.set_result(None)
@@ -395,12 +424,25 @@ class TransferEngine:
         self._pending[i] = (fut, None, dest)
         if self._ticker is None:
             self._arm_ticker()
-        if self._send_backlog or not self._post_send(i, data, dest):
-            self._send_backlog.append((i, data, dest))
+        if self._send_backlog or not self._post_send(i, data, dest, self._msg_header):
+            self._send_backlog.append((i, data, dest, self._msg_header))
         return fut
 
-    def _post_send(self, i: int, data: bytes, dest: int) -> bool:
-        hdr = self._msg_header
+    def _credit(self, peer: Address, imm: int, count: int) -> asyncio.Future[None]:
+        """Deliver ``count`` immediates of value ``imm`` to ``peer`` in one
+        message (the NVLink path's way to keep "one immediate per page")."""
+        dest = self._peer(peer)
+        i = self._next_id()
+        fut = self._loop.create_future()
+        self._pending[i] = (fut, None, dest)
+        if self._ticker is None:
+            self._arm_ticker()
+        data = wire.encode_credit(imm, count)
+        if self._send_backlog or not self._post_send(i, data, dest, self._credit_header):
+            self._send_backlog.append((i, data, dest, self._credit_header))
+        return fut
+
+    def _post_send(self, i: int, data: bytes, dest: int, hdr: bytes) -> bool:
         rc = lib.afc_send(self._h, i, hdr, len(hdr), data, len(data), dest)
         if rc == -lib.FI_EAGAIN:
             return False
@@ -508,8 +550,8 @@ class TransferEngine:
             if n < _OK_BATCH and ne < _EV_BATCH:
                 break
         while self._send_backlog:
-            i, data, dest = self._send_backlog[0]
-            if not self._post_send(i, data, dest):
+            i, data, dest, hdr = self._send_backlog[0]
+            if not self._post_send(i, data, dest, hdr):
                 break
             self._send_backlog.popleft()
         return total
@@ -549,6 +591,14 @@ class TransferEngine:
         frame = bytes(ffi.buffer(lib.afc_recv_buf(self._h, slot), length))
         check(lib.afc_recv_release(self._h, slot), "repost receive")
         try:
+            credit = wire.decode_credit(frame)
+            if credit is not None:
+                _, imm, count = credit
+                c = self._counters.get(imm)
+                if c is None:
+                    c = self._counters[imm] = ImmCounter(imm, self._loop, self._expect, self._watch)
+                c._add(count)
+                return
             sender_bytes, off = wire.decode_msg_header(frame)
             msg = Message(Address.from_bytes(sender_bytes), frame[off:])
         except ProtocolError:
@@ -713,13 +763,17 @@ class TransferEngine:
             # (libfabric 1.17 shm) crash a peer when an endpoint closes under
             # work in flight, so this is not merely cosmetic.
             deadline = self._loop.time() + self.config.close_timeout
-            while self._pending and self._loop.time() < deadline:
+            while (self._pending or (self._gpu and self._gpu.pending)) and self._loop.time() < deadline:
                 await asyncio.sleep(0.001)
         finally:
             self._hard_close()
 
     def _hard_close(self) -> None:
         self._loop.remove_reader(self._fd)
+        if self._gpu is not None:
+            self._gpu.close()  # waits for device copies, unmaps peer allocations
+            for fut in list(self._gpu.pending):
+                self._gpu._finish(fut, ClosedResourceError("engine closed with the operation in flight"))
         lib.afc_stop(self._h)  # joins the worker: nothing touches buffers after this
         exc = ClosedResourceError("engine closed with the operation in flight")
         for fut, _, _ in self._pending.values():

@@ -82,43 +82,46 @@ class RegionDescriptor:
     address, the remote address and length of the bytes it covers, and one
     key per NIC of the owner.  Slicing narrows the range."""
 
-    __slots__ = ("owner", "addr", "nbytes", "keys")
+    __slots__ = ("owner", "addr", "nbytes", "keys", "gpu")
 
-    def __init__(self, owner: Address, addr: int, nbytes: int, keys: tuple[int, ...]) -> None:
+    def __init__(self, owner: Address, addr: int, nbytes: int, keys: tuple[int, ...],
+                 gpu: wire.GpuBody | None = None) -> None:
         if len(keys) != len(owner._body.nics):
             raise ValueError(f"{len(keys)} keys for an owner with {len(owner._body.nics)} NICs")
         self.owner = owner
         self.addr = addr
         self.nbytes = nbytes
         self.keys = keys
+        #: for GPU memory: the owner's device, the CUDA IPC handle and the allocation base
+        self.gpu = gpu
 
     def __getitem__(self, key: slice) -> RegionDescriptor:
         start, length = byte_range(key, self.nbytes)
-        return RegionDescriptor(self.owner, self.addr + start, length, self.keys)
+        return RegionDescriptor(self.owner, self.addr + start, length, self.keys, self.gpu)
 
     def __len__(self) -> int:
         return self.nbytes
 
     def to_bytes(self) -> bytes:
         return wire.encode_descriptor(
-            wire.DescriptorBody(self.owner._body, self.addr, self.nbytes, self.keys)
+            wire.DescriptorBody(self.owner._body, self.addr, self.nbytes, self.keys, self.gpu)
         )
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> RegionDescriptor:
         """Decode; raises :class:`~aiofabric.ProtocolError` on anything malformed."""
         d = wire.decode_descriptor(blob)
-        return cls(Address(d.owner), d.addr, d.nbytes, d.keys)
+        return cls(Address(d.owner), d.addr, d.nbytes, d.keys, d.gpu)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, RegionDescriptor)
-            and (self.owner, self.addr, self.nbytes, self.keys)
-            == (other.owner, other.addr, other.nbytes, other.keys)
+            and (self.owner, self.addr, self.nbytes, self.keys, self.gpu)
+            == (other.owner, other.addr, other.nbytes, other.keys, other.gpu)
         )
 
     def __hash__(self) -> int:
-        return hash((self.owner, self.addr, self.nbytes, self.keys))
+        return hash((self.owner, self.addr, self.nbytes, self.keys, self.gpu))
 
     def __repr__(self) -> str:
         return f"<RegionDescriptor {self.nbytes} bytes at {self.addr:#x} of {self.owner!r}>"
@@ -131,7 +134,7 @@ class MemoryRegion:
     until they complete."""
 
     __slots__ = (
-        "engine", "obj", "nbytes", "remote_write", "remote_read", "readonly",
+        "engine", "obj", "nbytes", "remote_write", "remote_read", "readonly", "device", "_gpu",
         "_cdata", "_ptr", "_mr", "_keys", "_remote_base", "_inflight", "_closed", "_descriptor",
         "__weakref__",
     )
@@ -144,6 +147,9 @@ class MemoryRegion:
         self.readonly = readonly
         self.remote_write = remote_write
         self.remote_read = remote_read
+        #: the CUDA device of GPU memory, None for host memory
+        self.device: int | None = None
+        self._gpu: wire.GpuBody | None = None
         self._cdata = cdata  # keeps the exported buffer alive
         self._ptr = ptr
         self._mr: Any = None
@@ -178,7 +184,7 @@ class MemoryRegion:
             raise ValueError("region was registered without remote access; it has no descriptor")
         if self._descriptor is None:
             self._descriptor = RegionDescriptor(
-                self.engine.address, self._remote_base, self.nbytes, self._keys
+                self.engine.address, self._remote_base, self.nbytes, self._keys, self._gpu
             )
         return self._descriptor
 

@@ -5,7 +5,8 @@ Every encoding is msgpack, tagged and versioned::
 
     address    ["af.addr", 2, provider, incarnation, [[nic_name, doorbell_addr, doorbell_key], ...], max_frame,
                 host, pid, pstart]
-    descriptor ["af.region", 2, <address body>, addr, nbytes, [key, ...]]
+    descriptor ["af.region", 2, <address body>, addr, nbytes, [key, ...], gpu]
+    gpu        nil, or [device, cuda_ipc_handle (64 bytes), allocation_base] for GPU memory
 
 ``host`` identifies the kernel and PID namespace the engine runs in (0:
 unknown), ``pid``/``pstart`` its process and that process's start time, so
@@ -33,6 +34,7 @@ __all__ = [
     "NicAddress",
     "AddressBody",
     "DescriptorBody",
+    "GpuBody",
     "encode_address",
     "decode_address",
     "encode_descriptor",
@@ -48,11 +50,14 @@ MAX_PROVIDER = 64
 MIN_FRAME = 1024
 MAX_ADDRESS_BYTES = 2048
 MAX_DESCRIPTOR_BYTES = 4096
+GPU_IPC_BYTES = 64
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 _ADDR_TAG = "af.addr"
 _DESC_TAG = "af.region"
 _MSG_MAGIC = b"AFm"
+_CREDIT_MAGIC = b"AFc"  # a message that delivers immediates: payload <imm u32, count u32>
+_CREDIT = struct.Struct("<II")
 _MSG_HEAD = struct.Struct("<3sBH")  # magic, version, sender address length
 
 
@@ -75,11 +80,18 @@ class AddressBody(NamedTuple):
     pstart: int = 0  #: the process's start time in clock ticks since boot
 
 
+class GpuBody(NamedTuple):
+    device: int
+    ipc: bytes
+    base: int
+
+
 class DescriptorBody(NamedTuple):
     owner: AddressBody
     addr: int
     nbytes: int
     keys: tuple[int, ...]
+    gpu: GpuBody | None = None
 
 
 def _unpack(blob: Any, limit: int, what: str) -> Any:
@@ -162,13 +174,14 @@ def decode_address(blob: Any) -> AddressBody:
 
 def encode_descriptor(d: DescriptorBody) -> bytes:
     return msgpack.packb(
-        [_DESC_TAG, WIRE_VERSION, _address_fields(d.owner), d.addr, d.nbytes, list(d.keys)],
+        [_DESC_TAG, WIRE_VERSION, _address_fields(d.owner), d.addr, d.nbytes, list(d.keys),
+         None if d.gpu is None else [d.gpu.device, d.gpu.ipc, d.gpu.base]],
         use_bin_type=True,
     )
 
 
 def decode_descriptor(blob: Any) -> DescriptorBody:
-    obj = _header(_unpack(blob, MAX_DESCRIPTOR_BYTES, "descriptor"), _DESC_TAG, 6, "descriptor")
+    obj = _header(_unpack(blob, MAX_DESCRIPTOR_BYTES, "descriptor"), _DESC_TAG, 7, "descriptor")
     owner = _parse_address_fields(*_list(obj[2], _ADDRESS_FIELDS, "descriptor: owner"), "descriptor: owner")
     addr = _int(obj[3], U64, "descriptor: addr")
     nbytes = _int(obj[4], U64, "descriptor: nbytes")
@@ -177,11 +190,39 @@ def decode_descriptor(blob: Any) -> DescriptorBody:
     keys = tuple(_int(k, U64, "descriptor: key") for k in _list(obj[5], None, "descriptor: keys"))
     if len(keys) != len(owner.nics):
         raise ProtocolError(f"descriptor: {len(keys)} keys for {len(owner.nics)} NICs")
-    return DescriptorBody(owner, addr, nbytes, keys)
+    gpu = None
+    if obj[6] is not None:
+        device, ipc, base = _list(obj[6], 3, "descriptor: gpu")
+        if type(ipc) is not bytes or len(ipc) != GPU_IPC_BYTES:
+            raise ProtocolError(f"descriptor: the CUDA IPC handle must be {GPU_IPC_BYTES} bytes")
+        gpu = GpuBody(_int(device, U32, "descriptor: gpu device"), ipc, _int(base, U64, "descriptor: gpu base"))
+    return DescriptorBody(owner, addr, nbytes, keys, gpu)
 
 
 def encode_msg_header(sender: bytes) -> bytes:
     return _MSG_HEAD.pack(_MSG_MAGIC, WIRE_VERSION, len(sender)) + sender
+
+
+def encode_credit_header(sender: bytes) -> bytes:
+    """Header of a credit message: delivers immediates without a write (the
+    NVLink path posts one after its copy has completed)."""
+    return _MSG_HEAD.pack(_CREDIT_MAGIC, WIRE_VERSION, len(sender)) + sender
+
+
+def encode_credit(imm: int, count: int) -> bytes:
+    return _CREDIT.pack(imm, count)
+
+
+def decode_credit(frame: bytes) -> tuple[bytes, int, int] | None:
+    """(sender, imm, count) of a credit message; None for any other frame;
+    ProtocolError for a malformed one."""
+    if frame[:3] != _CREDIT_MAGIC:
+        return None
+    sender, off = decode_msg_header(b"AFm" + frame[3:])
+    if len(frame) - off != _CREDIT.size:
+        raise ProtocolError("credit message: wrong payload size")
+    imm, count = _CREDIT.unpack_from(frame, off)
+    return sender, imm, count
 
 
 def decode_msg_header(frame: bytes) -> tuple[bytes, int]:

@@ -1,0 +1,289 @@
+"""GPU memory: CUDA buffers as regions, and the NVLink path between the GPUs
+of one host.
+
+A CUDA buffer (a CuPy array, a torch tensor, anything with
+``__cuda_array_interface__`` or a CUDA ``__dlpack__``) registers as a region
+whose descriptor carries a CUDA IPC handle and the owner's host identity.
+A write whose target is such a descriptor on the same host is a device copy:
+the copy engine for a single write, one kernel for a page list; the write's
+immediate is posted (as a notify over the fabric) only once the copy has
+completed on the device, so a counter that ticks means the bytes are there.
+
+Across hosts GPU memory would need libfabric's FI_HMEM (CUDA) support, which
+the providers of Debian's libfabric lack: such writes raise
+UnavailableError.  CuPy is optional (``pip install 'aiofabric[gpu]'``); the
+module imports without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from .errors import FabricError, UnavailableError
+
+if TYPE_CHECKING:
+    from .engine import TransferEngine
+    from .memory import MemoryRegion, RegionDescriptor
+
+__all__ = ["CudaBuffer", "GpuHandle", "GpuPath", "cuda_buffer"]
+
+_KDL_CUDA = 2
+_IPC_HANDLE_BYTES = 64
+_COPY_PAGES = r"""
+extern "C" __global__ void copy_pages(const char* __restrict__ src, char* __restrict__ dst,
+                                      const long long* __restrict__ sidx, const long long* __restrict__ didx,
+                                      long long n, long long page, long long sstride, long long dstride)
+{
+    for (long long p = blockIdx.x; p < n; p += gridDim.x) {
+        const char* s = src + sidx[p] * sstride;
+        char* d = dst + didx[p] * dstride;
+        if ((((unsigned long long)s | (unsigned long long)d | (unsigned long long)page) & 15) == 0) {
+            const uint4* s4 = (const uint4*)s;
+            uint4* d4 = (uint4*)d;
+            for (long long i = threadIdx.x; i < page / 16; i += blockDim.x)
+                d4[i] = s4[i];
+        } else {
+            for (long long i = threadIdx.x; i < page; i += blockDim.x)
+                d[i] = s[i];
+        }
+    }
+}
+"""
+
+
+class CudaBuffer(NamedTuple):
+    ptr: int
+    nbytes: int
+    device: int
+    keep: Any  #: objects that must stay alive while the memory is in use
+
+
+class GpuHandle(NamedTuple):
+    """What a descriptor carries for GPU memory: the owner's device number,
+    the CUDA IPC handle of the allocation, and the allocation's base address
+    in the owner's address space (so slices map to offsets)."""
+
+    device: int
+    ipc: bytes
+    base: int
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise UnavailableError("GPU buffers need CuPy: pip install 'aiofabric[gpu]'") from None
+    return cupy
+
+
+def _contiguous_nbytes(cai: dict[str, Any]) -> int:
+    shape = tuple(cai["shape"])
+    itemsize = int(np.dtype(cai["typestr"]).itemsize)
+    strides = cai.get("strides")
+    if strides is not None:
+        expect = []
+        step = itemsize
+        for dim in reversed(shape):
+            expect.append(step)
+            step *= dim
+        if tuple(strides) != tuple(reversed(expect)) and int(np.prod(shape)) > 1:
+            raise TypeError("register() needs a C-contiguous CUDA buffer")
+    return int(np.prod(shape)) * itemsize
+
+
+def cuda_buffer(obj: Any) -> CudaBuffer | None:
+    """The CUDA memory behind ``obj``, or None when it is not a CUDA buffer."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    keep: Any = obj
+    if cai is None:
+        dev = getattr(obj, "__dlpack_device__", None)
+        if dev is None:
+            return None
+        try:
+            kind, _ = dev()
+        except Exception:  # noqa: BLE001 - a foreign object's method: anything means "not CUDA"
+            return None
+        if kind != _KDL_CUDA:
+            return None
+        arr = _cupy().from_dlpack(obj)
+        cai, keep = arr.__cuda_array_interface__, (obj, arr)
+    ptr, readonly = cai["data"]
+    nbytes = _contiguous_nbytes(cai)
+    if nbytes == 0 or not ptr:
+        raise ValueError("cannot register an empty buffer")
+    if readonly:
+        raise ValueError("read-only CUDA buffer")
+    cp = _cupy()
+    device = int(cp.cuda.runtime.pointerGetAttributes(ptr).device)
+    return CudaBuffer(int(ptr), nbytes, device, keep)
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda() -> Any:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.c_uint64]
+    return lib
+
+
+def gpu_handle(buf: CudaBuffer) -> GpuHandle:
+    """The IPC handle of the allocation that holds ``buf``."""
+    cp = _cupy()
+    with cp.cuda.Device(buf.device):
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        rc = _libcuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), buf.ptr)
+        if rc != 0:
+            raise UnavailableError(f"cuMemGetAddressRange failed (CUresult {rc})")
+        ipc = bytes(cp.cuda.runtime.ipcGetMemHandle(base.value))
+    return GpuHandle(buf.device, ipc, int(base.value))
+
+
+class GpuPath:
+    """The NVLink path of one engine: streams per device, mapped peer
+    allocations, the page-copy kernel, and the transfers in flight."""
+
+    def __init__(self, engine: TransferEngine) -> None:
+        self._engine = engine
+        self._loop = engine._loop
+        self._cp = _cupy()
+        self._streams: dict[int, Any] = {}
+        self._kernels: dict[int, Any] = {}
+        self._mapped: dict[tuple[int, bytes], int] = {}  # (our device, handle) -> mapped base
+        self._peer_enabled: set[tuple[int, int]] = set()
+        self.pending: set[asyncio.Future[None]] = set()
+        self._keep: dict[int, Any] = {}
+        self._next = 0
+
+    # -- where to write ------------------------------------------------------
+
+    def _stream(self, device: int) -> Any:
+        s = self._streams.get(device)
+        if s is None:
+            with self._cp.cuda.Device(device):
+                s = self._streams[device] = self._cp.cuda.Stream(non_blocking=True)
+        return s
+
+    def _target(self, dst: RegionDescriptor, device: int) -> int:
+        """The address, in this process on ``device``, of ``dst``'s first byte."""
+        gpu = dst.gpu
+        assert gpu is not None
+        rt = self._cp.cuda.runtime
+        if dst.owner._body.pid == os.getpid() and dst.owner._body.host == self._engine.address._body.host:
+            if gpu.device != device and (device, gpu.device) not in self._peer_enabled:
+                with self._cp.cuda.Device(device):
+                    try:
+                        rt.deviceEnablePeerAccess(gpu.device)
+                    except rt.CUDARuntimeError as e:  # already enabled is fine
+                        if "PeerAccessAlreadyEnabled" not in str(e):
+                            raise
+                self._peer_enabled.add((device, gpu.device))
+            return dst.addr
+        key = (device, gpu.ipc)
+        base = self._mapped.get(key)
+        if base is None:
+            with self._cp.cuda.Device(device):
+                base = self._mapped[key] = int(rt.ipcOpenMemHandle(gpu.ipc))
+        return base + (dst.addr - gpu.base)
+
+    def check(self, region: MemoryRegion, dst: RegionDescriptor) -> None:
+        """Raise UnavailableError unless this pair can use the NVLink path."""
+        if dst.gpu is None:
+            raise UnavailableError(
+                "writing GPU memory into host memory of a peer needs FI_HMEM (CUDA) support, which this "
+                f"libfabric's {self._engine.provider} lacks; copy to host memory first")
+        if dst.owner._body.host != self._engine.address._body.host or not dst.owner._body.host:
+            raise UnavailableError(
+                "the target GPU is on another host: GPU memory over the fabric needs FI_HMEM (CUDA) support, "
+                f"which this libfabric's {self._engine.provider} lacks")
+
+    # -- transfers -------------------------------------------------------------
+
+    def write(self, region: MemoryRegion, off: int, n: int, dst: RegionDescriptor, imm: int) -> asyncio.Future[None]:
+        self.check(region, dst)
+        rt = self._cp.cuda.runtime
+        device = region.device if region.device is not None else dst.gpu.device  # type: ignore[union-attr]
+        stream = self._stream(device)
+        with self._cp.cuda.Device(device):
+            rt.memcpyAsync(self._target(dst, device), region.address + off, n, rt.memcpyDefault, stream.ptr)
+        return self._after(stream, region, dst, imm, 1, None)
+
+    def write_pages(self, region: MemoryRegion, off: int, dst: RegionDescriptor, page: int, sstride: int,
+                    dstride: int, sidx: np.ndarray, didx: np.ndarray, imm: int) -> asyncio.Future[None]:
+        self.check(region, dst)
+        if region.device is None:
+            raise UnavailableError("paged writes into GPU memory need a GPU source region")
+        cp = self._cp
+        device = region.device
+        stream = self._stream(device)
+        with cp.cuda.Device(device), stream:
+            kernel = self._kernels.get(device)
+            if kernel is None:
+                kernel = self._kernels[device] = cp.RawKernel(_COPY_PAGES, "copy_pages")
+            d_s, d_d = cp.asarray(sidx), cp.asarray(didx)
+            n = len(sidx)
+            blocks = int(min(n, 4 * 132))
+            kernel((blocks,), (256,), (np.uint64(region.address + off), np.uint64(self._target(dst, device)),
+                                       d_s, d_d, np.int64(n), np.int64(page), np.int64(sstride),
+                                       np.int64(dstride)))
+        return self._after(stream, region, dst, imm, n, (d_s, d_d))
+
+    def _after(self, stream: Any, region: MemoryRegion, dst: RegionDescriptor, imm: int, count: int,
+               keep: Any) -> asyncio.Future[None]:
+        """A future that resolves once the stream's work so far is done and,
+        with an immediate, once the message delivering ``count`` of them
+        (one per write or page, as on the fabric) has been sent."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        token = self._next
+        self._next += 1
+        self._keep[token] = (region, keep)
+        region._inflight += 1
+        self.pending.add(fut)
+        loop = self._loop
+
+        def landed(_arg: object) -> None:  # on a CUDA thread: no CUDA calls here
+            loop.call_soon_threadsafe(self._landed, token, fut, dst, imm, count)
+
+        stream.launch_host_func(landed, None)
+        return fut
+
+    def _landed(self, token: int, fut: asyncio.Future[None], dst: RegionDescriptor, imm: int, count: int) -> None:
+        region, _ = self._keep.pop(token)
+        region._inflight -= 1
+        if region._closed and region._inflight == 0:
+            self._engine._release_region(region)
+        if imm < 0 or self._engine.closed:
+            self._finish(fut, None)
+            return
+        try:
+            note = self._engine._credit(dst.owner, imm, count)
+        except FabricError as exc:  # the peer failed, or the engine closed
+            self._finish(fut, exc)
+            return
+        note.add_done_callback(lambda f: self._finish(fut, None if f.cancelled() else f.exception()))
+
+    def _finish(self, fut: asyncio.Future[None], exc: BaseException | None) -> None:
+        self.pending.discard(fut)
+        if not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+    def close(self) -> None:
+        """Wait for the device work, then unmap every peer allocation."""
+        rt = self._cp.cuda.runtime
+        for s in self._streams.values():
+            s.synchronize()
+        for (device, _), base in self._mapped.items():
+            with self._cp.cuda.Device(device):
+                try:
+                    rt.ipcCloseMemHandle(base)
+                except rt.CUDARuntimeError:
+                    pass
+        self._mapped.clear()

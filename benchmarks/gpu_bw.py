@@ -1,0 +1,158 @@
+"""The NVLink path against CUDA's own copies, in one process and one run.
+
+Single writes GPU0 -> GPU1 (aiofabric ``engine.write`` awaited, i.e. copy
+done and the completion back in asyncio) against ``cudaMemcpyPeerAsync`` +
+synchronize; paged writes (one kernel per page list) against one contiguous
+peer copy of the same bytes (the ceiling) and against one
+``cudaMemcpyPeerAsync`` per page (what naive code does); and the latency
+from ``write(imm=...)`` to the target's counter.  Alternating repetitions,
+medians.  Needs CuPy and a GPU (two for NVLink; one runs GPU0 -> GPU0).
+
+    python -m benchmarks.gpu_bw [--reps 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import numpy as np
+
+import aiofabric as af
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+async def run(reps: int) -> dict:
+    import cupy as cp
+
+    rt = cp.cuda.runtime
+    n_gpus = rt.getDeviceCount()
+    s_dev, d_dev = (0, 1) if n_gpus >= 2 else (0, 0)
+    name = rt.getDeviceProperties(0)["name"].decode()
+    out: dict = {"card": name, "gpus": n_gpus, "src": s_dev, "dst": d_dev, "single": [], "pages": []}
+    big = 1 << 30
+    async with af.open_engine("shm") as a, af.open_engine("shm") as b:
+        with cp.cuda.Device(s_dev):
+            src = cp.random.default_rng(0).integers(0, 256, big, dtype=cp.uint8)
+            stream = cp.cuda.Stream(non_blocking=True)
+        with cp.cuda.Device(d_dev):
+            dst = cp.zeros(big + (64 << 20), dtype=cp.uint8)
+        if s_dev != d_dev:
+            with cp.cuda.Device(s_dev):
+                try:
+                    rt.deviceEnablePeerAccess(d_dev)
+                except rt.CUDARuntimeError:
+                    pass
+        rs, rd = a.register(src, remote_write=False), b.register(dst)
+        desc = rd.descriptor()
+
+        def peer_copy(dst_ptr: int, src_ptr: int, n: int) -> None:
+            rt.memcpyPeerAsync(dst_ptr, d_dev, src_ptr, s_dev, n, stream.ptr)
+
+        for size in (1 << 20, 64 << 20, big):
+            fab, raw = [], []
+            await a.write(rs[0:size], desc[0:size])  # warm up (maps, streams)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                await a.write(rs[0:size], desc[0:size])
+                fab.append(time.perf_counter() - t0)
+                with cp.cuda.Device(s_dev):
+                    t0 = time.perf_counter()
+                    peer_copy(dst.data.ptr, src.data.ptr, size)
+                    stream.synchronize()
+                    raw.append(time.perf_counter() - t0)
+            row = {"bytes": size, "aiofabric_GBps": size / _median(fab) / 1e9,
+                   "memcpy_peer_GBps": size / _median(raw) / 1e9}
+            row["ratio"] = row["aiofabric_GBps"] / row["memcpy_peer_GBps"]
+            out["single"].append(row)
+        with cp.cuda.Device(d_dev):
+            dst.fill(0)
+            cp.cuda.Device(d_dev).synchronize()
+        await a.write(rs, desc[0:big])
+        with cp.cuda.Device(d_dev):
+            out["single_verified"] = bool(cp.array_equal(dst[0:big], cp.asarray(src)))
+
+        rng = np.random.default_rng(1)
+        for page in (4096, 16384, 65536):
+            n = 4096
+            slots = big // page
+            sidx = rng.choice(slots, n, replace=False).astype(np.int64)
+            didx = rng.choice(slots, n, replace=False).astype(np.int64)
+            total = page * n
+            await a.write_pages(rs, desc, page, sidx, didx)
+            fab, ceil, naive = [], [], []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                await a.write_pages(rs, desc, page, sidx, didx)
+                fab.append(time.perf_counter() - t0)
+                with cp.cuda.Device(s_dev):
+                    t0 = time.perf_counter()
+                    peer_copy(dst.data.ptr, src.data.ptr, total)
+                    stream.synchronize()
+                    ceil.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    for k in range(n):
+                        peer_copy(dst.data.ptr + int(didx[k]) * page, src.data.ptr + int(sidx[k]) * page, page)
+                    stream.synchronize()
+                    naive.append(time.perf_counter() - t0)
+            row = {"page": page, "pages": n, "aiofabric_GBps": total / _median(fab) / 1e9,
+                   "contiguous_GBps": total / _median(ceil) / 1e9, "per_page_copies_GBps": total / _median(naive) / 1e9,
+                   "aiofabric_Mpages_s": n / _median(fab) / 1e6}
+            row["ratio_to_contiguous"] = row["aiofabric_GBps"] / row["contiguous_GBps"]
+            out["pages"].append(row)
+        with cp.cuda.Device(d_dev):
+            dst.fill(0)
+            cp.cuda.Device(d_dev).synchronize()
+        await a.write_pages(rs, desc, page, sidx, didx)
+        with cp.cuda.Device(d_dev):
+            got = cp.asnumpy(dst[: slots * page].reshape(slots, page)[didx])
+            untouched = dst[: slots * page].reshape(slots, page).sum(axis=1) == 0
+            out["pages_outside_untouched"] = int(untouched.sum()) == slots - n
+        with cp.cuda.Device(s_dev):
+            want = cp.asnumpy(src[: slots * page].reshape(slots, page)[sidx])
+        out["pages_verified"] = bool(np.array_equal(got, want))
+
+        counter = b.imm_counter(77)
+        lat = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            a.write(rs[0:4096], desc[0:4096], imm=77)
+            await counter.wait(1)
+            if i >= 50:
+                lat.append(time.perf_counter() - t0)
+        lat.sort()
+        out["imm_latency_us"] = {"p50": lat[len(lat) // 2] * 1e6, "p99": lat[int(len(lat) * 0.99)] * 1e6,
+                                 "max": lat[-1] * 1e6}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    res = asyncio.run(run(args.reps))
+    print(f"NVLink path, {res['card']} x{res['gpus']}, GPU{res['src']} -> GPU{res['dst']}, medians of {args.reps}")
+    print(f"{'single write':>14} {'aiofabric GB/s':>15} {'cudaMemcpyPeer GB/s':>20} {'ratio':>6}")
+    for r in res["single"]:
+        print(f"{r['bytes'] >> 20:>10} MiB {r['aiofabric_GBps']:15.1f} {r['memcpy_peer_GBps']:20.1f} {r['ratio']:6.2f}")
+    print(f"{'pages x4096':>14} {'aiofabric GB/s':>15} {'Mpages/s':>9} {'contiguous GB/s':>16} {'per-page copies':>16} {'ratio':>6}")
+    for r in res["pages"]:
+        print(f"{r['page'] >> 10:>10} KiB {r['aiofabric_GBps']:15.1f} {r['aiofabric_Mpages_s']:9.2f} "
+              f"{r['contiguous_GBps']:16.1f} {r['per_page_copies_GBps']:16.1f} {r['ratio_to_contiguous']:6.2f}")
+    lat = res["imm_latency_us"]
+    print(f"write(4 KiB, imm) -> target counter: p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us, max {lat['max']:.1f} us")
+    print(f"bytes verified: single {res['single_verified']}, pages {res['pages_verified']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0 if res["single_verified"] and res["pages_verified"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
