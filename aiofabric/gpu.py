@@ -226,7 +226,13 @@ class GpuPath:
         device = region.device if region.device is not None else dst.gpu.device  # type: ignore[union-attr]
         stream = self._stream(device)
         with self._cp.cuda.Device(device):
-            rt.memcpyAsync(self._target(dst, device), region.address + off, n, rt.memcpyDefault, stream.ptr)
+            target = self._target(dst, device)
+            if region.device is not None and dst.owner._body.pid == os.getpid():
+                # Both ends in this process: a peer copy names both devices (the copy engines' path).
+                rt.memcpyPeerAsync(target, dst.gpu.device, region.address + off, device, n,  # type: ignore[union-attr]
+                                   stream.ptr)
+            else:
+                rt.memcpyAsync(target, region.address + off, n, rt.memcpyDefault, stream.ptr)
         return self._after(device, stream, region, dst, imm, 1, None)
 
     def write_pages(self, region: MemoryRegion, off: int, dst: RegionDescriptor, page: int, sstride: int,
