@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import warnings
 import time
 from collections import deque
 from dataclasses import fields
@@ -792,6 +793,11 @@ class TransferEngine:
             fut, _ = self._recv_waiters.popleft()
             if not fut.done():
                 fut.set_exception(ClosedResourceError("engine is closed"))
+        self._release_native()
+
+    def _release_native(self) -> None:
+        """Deregister everything and free the native engine (no event-loop calls)."""
+        lib.afc_stop(self._h)
         for region in list(self._regions):
             region._closed = True
             if region._mr is not None:
@@ -801,6 +807,17 @@ class TransferEngine:
         lib.afc_mr_close(self._doorbell[0])
         lib.afc_close(self._h)
         self._h = None
+
+    def __del__(self) -> None:
+        # Dropped without aclose() (its loop has ended, or it would still be
+        # reachable through the loop's reader): free the worker thread, the
+        # fds and the registrations now, then say so.
+        if getattr(self, "_h", None) is None:
+            return
+        self._closed = True
+        self._release_native()
+        warnings.warn(f"unclosed {self!r}: use 'async with open_engine(...)' or 'await engine.aclose()'",
+                      ResourceWarning, source=self, stacklevel=1)
 
     async def __aenter__(self) -> TransferEngine:
         return self

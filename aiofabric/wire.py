@@ -227,6 +227,9 @@ def decode_credit(frame: bytes) -> tuple[bytes, int, int] | None:
 
 def decode_msg_header(frame: bytes) -> tuple[bytes, int]:
     """Return the sender's encoded address and the offset of the payload."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)) or (
+            isinstance(frame, memoryview) and frame.itemsize != 1):
+        raise TypeError(f"message frame must be bytes, not {type(frame).__name__}")
     if len(frame) < _MSG_HEAD.size:
         raise ProtocolError(f"message: {len(frame)} bytes is shorter than the header")
     magic, version, alen = _MSG_HEAD.unpack_from(frame)

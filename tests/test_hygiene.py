@@ -237,11 +237,9 @@ def test_unclosed_engine_is_collected_and_exit_is_clean(provider: str) -> None:
     # eventfd callback, keeps a dropped engine reachable, so it is not collected.)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TransferEngine has no finalizer (no __del__ / weakref.finalize, the native handle is not ffi.gc'd): "
-    "an engine garbage-collected unclosed never calls afc_close, so its worker thread runs until the process "
-    "exits and its fds stay open (2 eventfds + epoll + the provider's: 3 in all on shm, 4 on udp;ofi_rxd, "
-    "13 on tcp;ofi_rxm), with no ResourceWarning"))
+# Found here: engines had no finalizer, so an engine collected unclosed kept its
+# worker thread and fds until exit.  TransferEngine.__del__ now releases them
+# (and warns with ResourceWarning).
 @pytest.mark.parametrize("provider", ["shm", "tcp;ofi_rxm", "udp;ofi_rxd"])
 def test_unclosed_engine_releases_thread_and_fds(provider: str) -> None:
     rc, result = _unclosed(provider)
