@@ -412,3 +412,89 @@ async def test_trigger_latency(pair, capsys):
         print(f"\nwatcher trigger latency (bump -> posted), {n} bumps: p50 {np.percentile(lat, 50):.1f} us, "
               f"p99 {np.percentile(lat, 99):.1f} us, max {lat.max():.1f} us")
     w.close()
+
+
+@SHM
+async def test_full_submission_queue_is_retried(provider, loop_errors):
+    """200 arms fire in one pass into a 2-entry submission queue: the thread
+    keeps the ones that do not fit and submits them on later passes."""
+    b = await af.open_engine(provider)
+    a = await af.open_engine(provider, sq_slots=2)
+    try:
+        n = 200
+        ra = a.register(bytearray(64))
+        d = b.register(bytearray(64)).descriptor()
+        w = a.watcher()
+        futs = [w.arm_write(0, 1, ra, d, imm=4) for _ in range(n)]
+        w.bump(0, 1)
+        await bounded(asyncio.gather(*futs), 30)
+        await bounded(b.imm_counter(4).wait(n), 30)
+        st = w.statistics()
+        assert (st.fired, st.armed) == (n, 0) and st.eagain > 0
+        w.close()
+    finally:
+        await b.aclose()
+        await a.aclose()
+
+
+@SHM
+async def test_arm_whose_submission_fails(pair):
+    """A submission the engine refuses (here: an unknown peer number, which
+    the public API cannot produce) fails the arm's future; others still fire."""
+    from aiofabric._lib import check, lib
+
+    a, b = pair
+    ra = a.register(bytearray(64))
+    d = b.register(bytearray(64)).descriptor()
+    w = a.watcher()
+    aid = a._next_id()
+    check(lib.afc_watcher_arm_write(w._h, 0, 1, aid, ra._ptr, 64, ra._mr, a.config.max_peers - 1, d.addr,
+                                    a._keybuf(d.keys), len(d.keys), -1), "arm")
+    bad = w._track(aid, 0, ra, -1)
+    good = w.arm_write(0, 1, ra, d, imm=6)
+    w.bump(0, 1)
+    with pytest.raises(af.CompletionError, match="could not be posted"):
+        await bounded(bad)
+    await bounded(good)
+    await bounded(b.imm_counter(6).wait(1))
+    st = w.statistics()
+    assert (st.failed, st.fired, st.armed) == (1, 1, 0)
+    assert a.statistics().pending_futures == 0
+    w.close()
+
+
+@pytest.mark.parametrize("provider", ["tcp;ofi_rxm"])
+async def test_arm_fails_and_is_disarmed_when_its_peer_dies(provider, loop_errors):
+    import multiprocessing as mp
+    import signal
+
+    import _peer
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_peer.victim, args=(provider, 1 << 16, there), daemon=True)
+    proc.start()
+    try:
+        assert await asyncio.to_thread(here.poll, 60), "victim did not start"
+        addr, blob = here.recv()
+        desc = af.RegionDescriptor.from_bytes(blob)
+        async with af.open_engine(provider, peer_timeout=2.0) as eng:
+            src = eng.register(bytearray(4096), remote_write=False)
+            await bounded(eng.write(src[0:64], desc[0:64]))  # the peer works
+            w = eng.watcher()
+            fut = w.arm_write(0, 1, src, desc[0:4096], imm=1)
+            os.kill(proc.pid, signal.SIGKILL)
+            with pytest.raises(af.BrokenResourceError):
+                await bounded(fut, 15)
+            await asyncio.sleep(0)
+            st = w.statistics()
+            assert (st.armed, st.fired, st.active_slots) == (0, 0, 0)  # disarmed, never fired
+            w.bump(0, 1)
+            await asyncio.sleep(0.02)
+            assert w.statistics().fired == 0
+            assert eng.statistics().pending_futures == 0
+            src.close()
+            assert eng.statistics().regions == 0  # the arm's hold on the region is gone
+    finally:
+        proc.kill()
+        await asyncio.to_thread(proc.join, 10)
