@@ -21,6 +21,7 @@ from .errors import (
 )
 from .memory import Address, MemoryRegion, RegionDescriptor, RegionView
 from .providers import ProviderInfo, default_provider, list_providers
+from .watcher import SlotChanges, Watcher, WatcherStatistics
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,9 @@ __all__ = [
     "RemoteAccessError",
     "TransferEngine",
     "UnavailableError",
+    "SlotChanges",
+    "Watcher",
+    "WatcherStatistics",
     "default_provider",
     "fabric_version",
     "list_providers",

@@ -523,6 +523,26 @@ class TransferEngine:
                 c._close(ClosedResourceError("engine is closed"))
         return c
 
+    # -- watcher (aiofabric/watcher.py) ---------------------------------------
+
+    _slot_watchers: set[Any] | None = None  # this engine's open Watchers, once it has one
+
+    def watcher(self, slots: int = 64, *, poll_ns: int | None = None) -> Any:
+        """A :class:`~aiofabric.Watcher`: ``slots`` 64-bit values in page-aligned
+        memory that a producer raises, polled by the engine's native watcher
+        thread (every ``poll_ns`` nanoseconds while something is armed or
+        awaited; it blocks otherwise), which fires transfers pre-armed on them.
+        Raises TypeError/ValueError on bad arguments, ClosedResourceError when
+        the engine is closed.  See docs/watcher.md."""
+        from .watcher import Watcher
+
+        self._check_open()
+        w = Watcher(self, slots, poll_ns)
+        if self._slot_watchers is None:
+            self._slot_watchers = set()
+        self._slot_watchers.add(w)
+        return w
+
     # -- completions --------------------------------------------------------
 
     def _on_events(self) -> int:
@@ -758,6 +778,10 @@ class TransferEngine:
         if self._closed:
             return
         self._closed = True  # no new work from here on
+        if self._slot_watchers is not None:  # the watcher thread stops first: no arm fires from here on
+            from .watcher import shutdown
+
+            shutdown(self)
         try:
             # Graceful part: let operations in flight finish normally (their
             # futures succeed), bounded by close_timeout.  Some providers

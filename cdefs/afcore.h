@@ -147,3 +147,67 @@ void afc_expect(afc_engine *e, int delta);
  * completion queue) unless the worker is doing so right now.  Returns the
  * number of entries handled. */
 int afc_progress(afc_engine *e);
+
+/* ---- watcher (csrc/watcher.c) --------------------------------------------
+ * Slots of 64-bit values in caller-owned memory that a producer raises with
+ * release stores (afc_slot_store here; a GPU stream later).  One thread per
+ * engine polls the slots that have arms or watches, submits each arm through
+ * afc_write / afc_write_pages as soon as its slot >= its value (arms of one
+ * slot in value order, then arming order), and writes the watcher's eventfd
+ * when a watched slot changed or an arm's submission failed.  It blocks while
+ * nothing is armed or watched.  Call afc_watcher_free for every watcher, then
+ * afc_watch_shutdown, before afc_stop. */
+
+typedef struct afc_watcher afc_watcher;
+
+struct afc_watch_stats {
+    uint64_t armed;        /* arms waiting for their value */
+    uint64_t fired;        /* arms submitted */
+    uint64_t failed;       /* arms whose submission failed */
+    uint64_t changes;      /* changes of watched slots signalled */
+    uint64_t eagain;       /* submissions retried because the queue was full */
+    uint64_t active_slots; /* slots with arms or watches */
+    uint64_t passes;       /* the engine's watcher thread: poll passes */
+    uint64_t sleeps;       /* ... times it blocked with nothing to watch */
+};
+
+struct afc_watch_sample {  /* one fired arm, when tracing */
+    uint64_t bump_ns;      /* afc_slot_store's clock (CLOCK_MONOTONIC) before its store */
+    uint64_t seen_ns;      /* when the thread saw the slot reach the value */
+    uint64_t posted_ns;    /* when the submission returned */
+    uint64_t value;        /* the slot value seen */
+    uint64_t target;       /* the value the arm waited for */
+    uint32_t slot;
+    uint32_t pad;
+};
+
+void afc_slot_store(uint64_t *slots, uint64_t *stamps, uint32_t slot, uint64_t value);
+uint64_t afc_slot_load(const uint64_t *slots, uint32_t slot);
+
+int afc_watcher_new(afc_engine *e, uint64_t *slots, uint32_t n, uint32_t poll_ns, afc_watcher **out);
+int afc_watcher_fd(afc_watcher *w);
+/* A task starts (+1) or stops (-1) awaiting a change of slot. */
+int afc_watcher_watch(afc_watcher *w, uint32_t slot, int delta);
+int afc_watcher_arm_write(afc_watcher *w, uint32_t slot, uint64_t value, uint64_t id, uint64_t src,
+                          uint64_t len, afc_mr *mr, uint32_t peer, uint64_t raddr, const uint64_t *rkeys,
+                          uint32_t n_keys, int64_t imm);
+/* The index arrays are copied. */
+int afc_watcher_arm_pages(afc_watcher *w, uint32_t slot, uint64_t value, uint64_t id, uint64_t src,
+                          afc_mr *mr, uint32_t peer, uint64_t raddr, const uint64_t *rkeys, uint32_t n_keys,
+                          uint64_t page_size, uint64_t src_stride, uint64_t dst_stride,
+                          const int64_t *src_idx, const int64_t *dst_idx, uint64_t n, int64_t imm);
+/* 0: removed, it never fires; -FI_ENOENT: not armed (submitted or failed). */
+int afc_watcher_disarm(afc_watcher *w, uint32_t slot, uint64_t id);
+/* Arms whose submission failed: ids and positive errnos.  Returns how many. */
+int afc_watcher_failed(afc_watcher *w, uint64_t *ids, int32_t *errs, int max);
+/* Stop polling this watcher (arms stay until disarmed or freed). */
+void afc_watcher_detach(afc_watcher *w);
+void afc_watcher_free(afc_watcher *w);
+/* Record fired arms (capacity samples; 0 stops); stamps: n bump times that
+ * afc_slot_store fills when handed them. */
+int afc_watcher_trace(afc_watcher *w, uint64_t *stamps, uint32_t capacity);
+uint32_t afc_watcher_samples(afc_watcher *w, struct afc_watch_sample *out, uint32_t max);
+void afc_watcher_stats(afc_watcher *w, struct afc_watch_stats *out);
+/* Stop and join the engine's watcher thread.  -FI_EBUSY if a watcher was
+ * not freed first (the hub is then kept, not freed). */
+int afc_watch_shutdown(afc_engine *e);

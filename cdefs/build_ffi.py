@@ -18,7 +18,7 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 CDEFS = ("fi_errno.h", "fabric.h", "afcore.h")
-SOURCES = ("engine.c", "worker.c")
+SOURCES = ("engine.c", "worker.c", "watcher.c")
 
 MISSING_HEADERS = """\
 aiofabric: the libfabric development headers (rdma/fabric.h) were not found{where}.

@@ -151,6 +151,8 @@ struct afc_engine {
     uint32_t *send_free; /* sq_lock */
     uint32_t n_send_free;
 
+    struct afc_watch_hub *watch; /* watcher.c: the engine's watcher thread, made on first use */
+
     struct {
         atomic_uint_fast64_t writes_posted, bytes_posted, sends_posted, completions, errors,
             imms_received, msgs_received, eagain, worker_sleeps, worker_wakeups;
