@@ -312,6 +312,7 @@ static void close_fid(struct fid *f)
 
 void afc_stop(afc_engine *e)
 {
+    afc_watch_shutdown(e); /* no armed transfer may be submitted from here on */
     atomic_store(&e->stop, 1);
     if (e->worker_started) {
         uint64_t one = 1;
