@@ -430,6 +430,10 @@ class Watcher:
             # else it was submitted: its completion resolves it
         lib.afc_watcher_free(self._h)
         self._h = None
+        from . import gpu
+
+        if self.address in gpu._attached:  # page-locked for a GPU producer: unlock before the memory goes
+            gpu.detach_watcher(self)
         for waiting in self._waiting.values():
             for fut, _ in waiting:
                 if not fut.done():

@@ -143,6 +143,8 @@ async def run(reps: int) -> dict:
             want = cp.asnumpy(src[: slots * page].reshape(slots, page)[sidx])
         out["pages_verified"] = bool(np.array_equal(got, want))
 
+        out["watcher"] = await _watcher_latency(a, b, s_dev)
+
         counter = b.imm_counter(77)
         lat = []
         for i in range(300):
@@ -155,6 +157,67 @@ async def run(reps: int) -> dict:
         out["imm_latency_us"] = {"p50": lat[len(lat) // 2] * 1e6, "p99": lat[int(len(lat) * 0.99)] * 1e6,
                                  "max": lat[-1] * 1e6}
     return out
+
+
+_SPIN_BUMP = r"""
+extern "C" __global__ void spin_bump(unsigned long long* out, const unsigned long long* go, long long n)
+{
+    /* Round k: wait until the host raises `go` to k, then bump `out` to k. */
+    for (long long k = 1; k <= n; k++) {
+        unsigned long long v;
+        do {
+            asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(go) : "memory");
+        } while (v < (unsigned long long)k);
+        asm volatile("st.release.sys.u64 [%0], %1;" :: "l"(out), "l"((unsigned long long)k) : "memory");
+    }
+}
+"""
+
+
+async def _watcher_latency(a, b, device: int, rounds: int = 2000) -> dict:
+    """A kernel bumps slot 0 when the host raises slot 1; an arm on slot 0
+    notifies the peer.  Host clock (CLOCK_MONOTONIC) from raising slot 1 to
+    the watcher seeing / posting, and to the peer's counter: upper bounds of
+    the kernel's bump to post (they include the ~1.5 µs the go flag takes to
+    reach the GPU)."""
+    import cupy as cp
+
+    from aiofabric import gpu as afgpu
+
+    w = a.watcher(slots=2)
+    afgpu.attach_watcher(w, device)
+    w.trace(rounds)
+    counter = b.imm_counter(99)
+    with cp.cuda.Device(device):
+        k = cp.RawKernel(_SPIN_BUMP, "spin_bump")
+        stream = cp.cuda.Stream(non_blocking=True)
+        k((1,), (1,), (np.uint64(w.slot_address(0)), np.uint64(w.slot_address(1)), np.int64(rounds)), stream=stream)
+    go, to_counter = [], []
+    try:
+        for i in range(1, rounds + 1):
+            fut = w.arm_notify(0, i, b.address, 99)
+            t0 = time.monotonic_ns()
+            w.buffer[1] = i  # raise the go flag (a plain store: the GPU polls it)
+            go.append(t0)
+            await asyncio.wait_for(fut, 10)
+            await asyncio.wait_for(counter.wait(1), 10)
+            to_counter.append(time.monotonic_ns() - t0)
+    finally:
+        w.buffer[1] = rounds  # never leave the kernel spinning
+        with cp.cuda.Device(device):
+            stream.synchronize()
+    samples = w.trace_samples()
+    w.close()
+    seen = np.array([s["seen_ns"] for s in samples], dtype=np.int64) - np.array(go[: len(samples)], dtype=np.int64)
+    posted = np.array([s["posted_ns"] for s in samples], dtype=np.int64) - np.array(go[: len(samples)], dtype=np.int64)
+
+    def pct(x, q):
+        return float(np.percentile(np.asarray(x[100:], dtype=np.float64), q)) / 1e3  # skip warm-up
+
+    return {"rounds": rounds, "samples": len(samples),
+            "go_to_seen_us": {"p50": pct(seen, 50), "p99": pct(seen, 99)},
+            "go_to_posted_us": {"p50": pct(posted, 50), "p99": pct(posted, 99)},
+            "go_to_counter_us": {"p50": pct(to_counter, 50), "p99": pct(to_counter, 99)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['kernel_GBps']:12.1f} {r['call_us']:8.1f} {r['pipelined_GBps']:12.1f} {r['pipelined_ratio']:6.2f}")
     lat = res["imm_latency_us"]
     print(f"write(4 KiB, imm) -> target counter: p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us, max {lat['max']:.1f} us")
+    wl = res["watcher"]
+    print(f"watcher, kernel bump (upper bound: from the host's go flag): seen p50 {wl['go_to_seen_us']['p50']:.1f} "
+          f"p99 {wl['go_to_seen_us']['p99']:.1f} us; posted p50 {wl['go_to_posted_us']['p50']:.1f} "
+          f"p99 {wl['go_to_posted_us']['p99']:.1f} us; target counter p50 {wl['go_to_counter_us']['p50']:.1f} "
+          f"p99 {wl['go_to_counter_us']['p99']:.1f} us ({wl['samples']} samples)")
     print(f"bytes verified: single {res['single_verified']}, pages {res['pages_verified']}")
     if args.json:
         with open(args.json, "w") as f:

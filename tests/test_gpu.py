@@ -208,3 +208,38 @@ async def test_nvlink_write_across_processes(loop_errors):
         await asyncio.to_thread(proc.join, 30)
         if proc.is_alive():
             proc.kill()
+
+
+@pytest.mark.gpu
+@gpu
+async def test_watcher_armed_pages_fire_on_kernel_bumps(loop_errors):
+    """A CUDA stream computes "layers" and bumps a watcher slot after each;
+    page writes pre-armed per layer fire from the native watcher thread."""
+    import cupy as cp
+
+    from aiofabric import gpu as afgpu
+
+    layers, page, n = 4, 4096, 64
+    async with af.open_engine(PROVIDER) as a, af.open_engine(PROVIDER) as b:
+        src = np.random.default_rng(3).integers(0, 256, layers * n * page, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        rs, desc = a.register(src, remote_write=False), b.register(dst).descriptor()
+        w = a.watcher(slots=2)
+        afgpu.attach_watcher(w, 0)
+        idx = np.arange(n, dtype=np.int64)
+        futs = [w.arm_pages(0, layer + 1, rs[layer * n * page:(layer + 1) * n * page],
+                            desc[layer * n * page:(layer + 1) * n * page], page, idx, idx, imm=layer)
+                for layer in range(layers)]
+        with cp.cuda.Device(0):
+            stream = cp.cuda.Stream(non_blocking=True)
+            x = cp.ones((2048, 2048), dtype=cp.float32)
+            with stream:
+                for layer in range(layers):
+                    x = x @ x / 2048.0  # the "layer"
+                    afgpu.bump(w, 0, layer + 1, stream)
+        await bounded(asyncio.gather(*futs))
+        for layer in range(layers):
+            await bounded(b.imm_counter(layer).wait(n))
+        assert np.array_equal(dst, src)
+        assert w.value(0) == layers
+        w.close()
