@@ -244,7 +244,7 @@ class GpuPath:
                                    stream.ptr)
             else:
                 rt.memcpyAsync(target, region.address + off, n, rt.memcpyDefault, stream.ptr)
-        return self._after(device, stream, region, dst, imm, 1, None)
+        return self._after(device, stream, region, dst, imm, 1, None, n)
 
     def write_pages(self, region: MemoryRegion, off: int, dst: RegionDescriptor, page: int, sstride: int,
                     dstride: int, sidx: np.ndarray, didx: np.ndarray, imm: int) -> asyncio.Future[None]:
@@ -271,7 +271,7 @@ class GpuPath:
             kernel((blocks,), (256,), (np.uint64(region.address + off), np.uint64(self._target(dst, device)),
                                        np.uint64(dev_idx), np.uint64(dev_idx + 8 * n), np.int64(n),
                                        np.int64(page), np.int64(sstride), np.int64(dstride)), stream=stream)
-        return self._after(device, stream, region, dst, imm, n, (device, stage))
+        return self._after(device, stream, region, dst, imm, n, (device, stage), n * page)
 
     def _stage(self, device: int, nbytes: int) -> tuple[Any, Any]:
         """A pinned host buffer and a device buffer of at least ``nbytes``,
@@ -283,7 +283,7 @@ class GpuPath:
         return (self._cp.cuda.alloc_pinned_memory(size), self._cp.empty(size, dtype=self._cp.uint8))
 
     def _after(self, device: int, stream: Any, region: MemoryRegion, dst: RegionDescriptor, imm: int, count: int,
-               keep: Any) -> asyncio.Future[None]:
+               keep: Any, nbytes: int) -> asyncio.Future[None]:
         """A future that resolves once the stream's work so far is done and,
         with an immediate, once the message delivering ``count`` of them
         (one per write or page, as on the fabric) has been sent."""
@@ -300,7 +300,11 @@ class GpuPath:
                 event = self._cp.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
         self._keep[token] = (region, (keep, device, event))
-        self._inflight.append((event, token, fut, dst, imm, count, time.monotonic()))
+        # Poll between the loop's callbacks until well past when the copy
+        # should be done (at 100 GB/s), then once a millisecond (the loop's
+        # timers are no finer than that).
+        spin_until = time.monotonic() + 0.002 + nbytes / 100e9
+        self._inflight.append((event, token, fut, dst, imm, count, spin_until))
         if not self._polling:
             self._polling = True
             self._loop.call_soon(self._poll)
@@ -308,9 +312,11 @@ class GpuPath:
 
     def _poll(self) -> None:
         """Resolve the transfers whose copies are done.  The loop polls the
-        events (a cudaEventQuery each, ~1 µs) between its other callbacks for
-        the first 2 ms of a transfer, then every 20 µs: a host callback from
-        CUDA's own thread costs tens of microseconds more per transfer."""
+        events (a cudaEventQuery each, ~1 µs) between its other callbacks
+        while a copy may still be running at full speed, then every
+        millisecond: a host callback from CUDA's own thread costs tens of
+        microseconds more per transfer, and the loop's timers cannot wait less
+        than a millisecond (the reason a copy must not fall back to them)."""
         q = self._inflight
         while q and q[0][0].done:
             _, token, fut, dst, imm, count, _ = q.popleft()
@@ -322,10 +328,10 @@ class GpuPath:
                 self._landed(*item[1:6])
         if not q:
             self._polling = False
-        elif time.monotonic() - q[0][6] < 0.002:
+        elif time.monotonic() < max(x[6] for x in q):
             self._loop.call_soon(self._poll)
         else:
-            self._loop.call_later(0.00002, self._poll)
+            self._loop.call_later(0.001, self._poll)
 
     def _landed(self, token: int, fut: asyncio.Future[None], dst: RegionDescriptor, imm: int, count: int) -> None:
         region, (keep, device, event) = self._keep.pop(token)
