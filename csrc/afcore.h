@@ -20,6 +20,10 @@
 #define AFC_CQ_BATCH 32
 #define AFC_SQ_BUDGET 64 /* posts per worker pass before the CQ is read again */
 #define AFC_OP_FENCE 16  /* the trailing immediate of a striped write */
+#define AFC_DEFER 256    /* submissions set aside while their peer's queue is full */
+/* afc_post_sqe's results besides 0 and -FI_EAGAIN (no shared room: stop this pass) */
+#define AFC_PARTIAL 1    /* out of operation contexts or budget: stop this pass */
+#define AFC_BLOCKED 2    /* the provider said -FI_EAGAIN for this one: others may go ahead */
 
 /* A multi-part operation (owned by the worker once queued): a paged write,
  * whose pages are split into one contiguous range per path, or a single write
@@ -133,6 +137,8 @@ struct afc_engine {
 
     struct afc_batch *batches; /* live batches (dom_lock), freed at close */
     struct afc_batch *fences;  /* stripes whose trailing immediate awaits posting (dom_lock) */
+    struct afc_sqe defer[AFC_DEFER]; /* submissions the provider refused for now (dom_lock) */
+    uint32_t n_defer;
 
     /* Peers: a fixed table (written by the owning thread under dom_lock). */
     struct afc_peer *peers;

@@ -566,7 +566,7 @@ static int submit(afc_engine *e, const struct afc_sqe *s)
         pthread_mutex_unlock(&e->dom_lock);
         if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
             afc_notify_loop(e); /* the post failed at once: its error record is waiting */
-        if (rc != -FI_EAGAIN) {
+        if (rc != -FI_EAGAIN && rc != AFC_BLOCKED) { /* refused for now: queue it */
             afc_wake_worker(e);
             return rc;
         }

@@ -205,7 +205,6 @@ static void stripe_landed(afc_engine *e, struct afc_batch *b)
 
 /* Post the next pieces of a batch (dom_lock held).  0 when every piece is
  * posted (the submission is consumed), AFC_PARTIAL when some wait for room. */
-#define AFC_PARTIAL 1
 static int post_batch(afc_engine *e, struct afc_batch *b)
 {
     struct afc_peer *p = &e->peers[b->peer];
@@ -251,7 +250,7 @@ static int post_batch(afc_engine *e, struct afc_batch *b)
         op_put(e, op);
         if (rc == -FI_EAGAIN) {
             STAT_ADD(e, eagain, 1);
-            return AFC_PARTIAL;
+            return AFC_BLOCKED; /* the provider has no room towards this peer now */
         }
         /* Hard failure: the pieces not yet posted fail with it. */
         STAT_ADD(e, errors, 1);
@@ -312,7 +311,7 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     op_put(e, op);
     if (rc == -FI_EAGAIN) {
         STAT_ADD(e, eagain, 1);
-        return -FI_EAGAIN;
+        return AFC_BLOCKED;
     }
     STAT_ADD(e, errors, 1);
     if (s->kind == AFC_OP_SEND)
@@ -321,17 +320,48 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     return 0;
 }
 
-/* Post queued submissions (dom_lock held).  Returns how many left the queue. */
+/* Retry the submissions set aside because the provider had no room for
+ * them (dom_lock held).  Returns how many went out. */
+static int post_deferred(afc_engine *e)
+{
+    int n = 0;
+    uint32_t keep = 0, i = 0;
+    for (; i < e->n_defer; i++) {
+        int rc = afc_post_sqe(e, &e->defer[i]);
+        if (rc == AFC_BLOCKED) {
+            e->defer[keep++] = e->defer[i];
+        } else if (rc == -FI_EAGAIN || rc == AFC_PARTIAL) {
+            break; /* out of shared resources: keep this one and the rest as they are */
+        } else {
+            n++;
+        }
+    }
+    for (; i < e->n_defer; i++)
+        e->defer[keep++] = e->defer[i];
+    e->n_defer = keep;
+    return n;
+}
+
+/* Post queued submissions (dom_lock held).  Returns how many left the queue.
+ * A submission the provider refuses for now (-FI_EAGAIN: the peer's queue is
+ * full, or the peer is gone and never drains it) is set aside, up to
+ * AFC_DEFER of them, so that it does not hold up traffic to every other
+ * peer; set-aside ones are retried first.  No order is promised anyway. */
 static int submit_queued(afc_engine *e)
 {
     int n = e->fences ? afc_post_fences(e) : 0;
+    if (e->n_defer)
+        n += post_deferred(e);
     uint64_t head = atomic_load_explicit(&e->sq_head, memory_order_relaxed);
     while (n < AFC_SQ_BUDGET) {
         uint64_t tail = atomic_load_explicit(&e->sq_tail, memory_order_acquire);
         if (head == tail)
             break;
-        int rc = afc_post_sqe(e, &e->sq[head & e->sq_mask]);
-        if (rc == -FI_EAGAIN || rc == AFC_PARTIAL)
+        struct afc_sqe *s = &e->sq[head & e->sq_mask];
+        int rc = afc_post_sqe(e, s);
+        if (rc == AFC_BLOCKED && e->n_defer < AFC_DEFER)
+            e->defer[e->n_defer++] = *s;
+        else if (rc == -FI_EAGAIN || rc == AFC_PARTIAL || rc == AFC_BLOCKED)
             break;
         head++;
         n++;
@@ -536,11 +566,13 @@ void *afc_worker_main(void *arg)
         pthread_mutex_lock(&e->dom_lock);
         int work = submit_queued(e);
         work += poll_cq(e);
-        int busy = e->n_op_free < e->cfg.max_ops || !afc_sq_empty(e);
+        int busy = e->n_op_free < e->cfg.max_ops || !afc_sq_empty(e) || e->n_defer;
         pthread_mutex_unlock(&e->dom_lock);
         if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
             afc_notify_loop(e); /* only when there is something for Python */
-        if (work || busy) {
+        /* Operations out but nothing happening for a whole spin window (a peer
+         * that never completes them, a long transfer): stop busy polling. */
+        if (work || (busy && afc_now_ns() - last_active < spin_ns)) {
             if (work)
                 last_active = afc_now_ns();
             sleep_us = 50;
@@ -566,7 +598,7 @@ void *afc_worker_main(void *arg)
         } else if (!e->all_wait_fd) {
             /* No wait fd: nothing can wake us when a peer writes, so back off,
              * to 1 ms while a task awaits inbound traffic, to idle_ms when none does. */
-            int cap = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 ? 1000 : max_sleep_us;
+            int cap = atomic_load_explicit(&e->expecting, memory_order_relaxed) > 0 || busy ? 1000 : max_sleep_us;
             sleep_us = sleep_us * 2 > cap ? cap : sleep_us * 2;
         }
     }
