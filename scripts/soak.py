@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import glob
 import json
 import math
 import multiprocessing as mp
@@ -44,6 +45,7 @@ import msgpack
 import numpy as np
 
 import aiofabric as af
+from aiofabric import liveness
 
 CTX = mp.get_context("spawn")
 
@@ -777,9 +779,9 @@ class Coordinator:
                 for fut in p.phase.values():
                     if not fut.done():
                         fut.set_result(False)
-                if not p.ready.done():
+                if not p.ready.done():  # a start failure: _spawn reports it
                     p.ready.set_exception(EOFError(f"node {p.nid} exited before it was ready"))
-                if not p.killed and not p.leaving:
+                elif not p.killed and not p.leaving:
                     asyncio.ensure_future(self._died(p))
                 return
             self.on_event(msg, p)
@@ -790,7 +792,8 @@ class Coordinator:
         t = time.monotonic()
         p.killed = True
         self.unexpected += 1
-        self.kills[p.nid] = {"t": t, "knows": set(self.knows[p.nid]), "unexpected": True, "why": "unexpected"}
+        self.kills[p.nid] = {"t": t, "knows": set(self.knows[p.nid]), "unexpected": True, "why": "unexpected",
+                             "pid": p.proc.pid}
         self.peers.pop(p.nid, None)
         await asyncio.to_thread(p.proc.join, 10)
         self.finding(p.nid, f"process died unexpectedly (exit code {p.proc.exitcode})")
@@ -856,7 +859,8 @@ class Coordinator:
         os.kill(v.proc.pid, signal.SIGKILL)
         if self.a.progress:
             print(f"[{t - self.t0:6.1f} s] killed node {v.nid} (pid {v.proc.pid}): {why}", flush=True)
-        self.kills[v.nid] = {"t": t, "knows": set(self.knows[v.nid]), "unexpected": False, "why": why}
+        self.kills[v.nid] = {"t": t, "knows": set(self.knows[v.nid]), "unexpected": False, "why": why,
+                             "pid": v.proc.pid}
         await asyncio.to_thread(v.proc.join, 10)
         await self._replace()
 
@@ -960,11 +964,34 @@ class Coordinator:
         except Hang as exc:
             self.finding(0, f"hang: {exc}")
         self.stats[0] = self.node.snapshot()
+        self.stale_shm = self._stale_shm(remove=not a.keep_shm)
         summary = self.summary(traffic_s)
         print_summary(summary)
         if a.json:
             Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
         return 0 if not summary["findings"] else 1
+
+    def _stale_shm(self, remove: bool) -> dict[str, Any]:
+        """libfabric's shm provider names its region /dev/shm/<pid>:<ep>:<n> and
+        only unlinks it when the endpoint closes: every SIGKILLed peer leaves
+        one behind (and a later process with the same pid cannot open shm).
+        Count them, then remove those of our dead peers."""
+        files, size = [], 0
+        if self.a.provider != "shm":
+            return {"files": 0, "bytes": 0, "removed": remove}
+        for k in self.kills.values():
+            pid = k.get("pid")
+            if pid is None or liveness.process_start(pid) >= 0:
+                continue  # unknown, or the pid belongs to a live process now
+            for f in glob.glob(f"/dev/shm/{pid}:*"):
+                try:
+                    size += os.stat(f).st_size
+                    files.append(f)
+                    if remove:
+                        os.unlink(f)
+                except OSError:
+                    pass
+        return {"files": len(files), "bytes": size, "removed": remove}
 
     def _totals(self) -> dict[str, Any]:
         slowest: dict[str, float] = {}
@@ -1045,6 +1072,7 @@ class Coordinator:
                 "bound_s": self.a.detect_bound,
                 "via": dict(collections.Counter(_via(r["via"]) for r in rows)),
             },
+            "stale_shm_regions": self.stale_shm,
             "detections": rows,
             "engines_at_close": self.engine_stats,
             "findings": self.findings,
@@ -1087,6 +1115,9 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  slowest          {slow} (post to ack)",
         f"  messages         {s['messages_sent']} sent, {s['messages_received']} received",
         f"  errors by type   {errs}",
+        (f"  stale shm files  {s['stale_shm_regions']['files']} left in /dev/shm by killed peers "
+         f"({s['stale_shm_regions']['bytes'] / 2**20:.0f} MiB"
+         f"{', removed' if s['stale_shm_regions']['removed'] and s['stale_shm_regions']['files'] else ''})"),
         (f"  detection        {d['count']} survivor detections, median "
          f"{d['median_s'] if d['median_s'] is not None else dash} s, max "
          f"{d['max_s'] if d['max_s'] is not None else dash} s (bound {d['bound_s']:g} s)"),
@@ -1112,6 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detect-bound", type=float, default=None,
                     help="a survivor must see BrokenResourceError this soon after a kill (default 2 x peer timeout)")
     ap.add_argument("--pace", type=float, default=0.0, help="random pause of up to this many s between transfers")
+    ap.add_argument("--keep-shm", action="store_true",
+                    help="leave the /dev/shm regions of killed peers in place (removed by default)")
     ap.add_argument("--no-recycle", dest="recycle", action="store_false",
                     help="keep a wedged or wrongly failed peer instead of killing and replacing it")
     ap.add_argument("--progress", type=float, default=0.0, help="print a progress line every this many s")
