@@ -60,7 +60,7 @@ class EngineConfig:
     loop_spin_us: int = 200
     close_timeout: float = 2.0
     max_peers: int = 4096
-    poll_pause_ns: int = 2000
+    poll_pause_ns: int = 0
     peer_timeout: float = 3.0
     stripe_threshold: int = 256 * 1024
 

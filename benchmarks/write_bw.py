@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--direct-post", action="store_true", help="caller thread posts (see docs/design.md)")
     ap.add_argument("--loop-spin-us", type=int, default=None, help="event-loop polling window (EngineConfig.loop_spin_us)")
     ap.add_argument("--spin-us", type=int, default=None, help="worker polling window (EngineConfig.spin_us)")
+    ap.add_argument("--poll-pause-ns", type=int, default=None, help="worker pause between polls (EngineConfig.poll_pause_ns)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw C baseline")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["loop_spin_us"] = args.loop_spin_us
     if args.spin_us is not None:
         settings["spin_us"] = args.spin_us
+    if args.poll_pause_ns is not None:
+        settings["poll_pause_ns"] = args.poll_pause_ns
     af_runs, raw_runs = [], []
     for _ in range(args.rounds):  # alternate, so drift on a noisy machine hits both alike
         af_runs.append(run_aiofabric(args.provider, args, settings))

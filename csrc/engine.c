@@ -29,7 +29,7 @@ void afc_default_config(struct afc_config *cfg)
     cfg->idle_ms = 10;
     cfg->direct_post = 0;
     cfg->max_peers = 4096;
-    cfg->poll_pause_ns = 2000;
+    cfg->poll_pause_ns = 0;
     cfg->stripe_threshold = 256 * 1024;
 }
 
@@ -63,8 +63,16 @@ static struct fi_info *make_hints(const struct afc_config *cfg, const char *doma
     h->domain_attr->threading = FI_THREAD_DOMAIN;
     h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
     h->tx_attr->op_flags = 0;
-    if (cfg->provider)
+    if (cfg->provider) {
         h->fabric_attr->prov_name = strdup(cfg->provider);
+        /* libfabric 1.17 shm copies plain writes (no immediate) straight into
+         * the target with process_vm_writev when no ordering is asked for,
+         * checking neither key nor bounds: a stale or forged descriptor then
+         * lands anywhere.  Asking for write-after-write ordering keeps shm on
+         * its checked path (measured in docs/hostile-peers.md). */
+        if (strcmp(cfg->provider, "shm") == 0)
+            h->tx_attr->msg_order = FI_ORDER_WAW;
+    }
     if (domain)
         h->domain_attr->name = strdup(domain);
     return h;
