@@ -706,6 +706,7 @@ class TransferEngine:
         addr = self._peer_addr[peer]
         exc = BrokenResourceError(f"peer {addr!r} failed: {reason}")
         self._failed[peer] = exc
+        lib.afc_peer_fail(self._h, peer, lib.FI_EHOSTUNREACH)  # queued work to it never reaches the provider
         for i in [i for i, entry in self._pending.items() if entry[2] == peer]:
             fut, region, _ = self._pending.pop(i)
             if region is not None:

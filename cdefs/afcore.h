@@ -97,6 +97,10 @@ int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_
                  uint32_t *peer);
 int afc_peer_remove(afc_engine *e, uint32_t peer);
 uint32_t afc_peer_paths(afc_engine *e, uint32_t peer);
+/* Declare a peer failed: nothing more is posted to it (queued and later
+ * submissions fail with err, a positive fi errno, without reaching the
+ * provider: some providers spin forever on a dead peer's shared memory). */
+int afc_peer_fail(afc_engine *e, uint32_t peer, int32_t err);
 
 /* Register on every rail; keys[i] is rail i's key. */
 int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access,

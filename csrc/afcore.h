@@ -98,6 +98,7 @@ struct afc_rail {
 struct afc_peer {
     uint32_t live;
     uint32_t n_rails, n_paths;
+    int32_t failed; /* > 0: declared failed with this fi errno; nothing more is posted */
     fi_addr_t addr[AFC_MAX_RAILS]; /* per path, in our rail's AV */
 };
 

@@ -520,6 +520,16 @@ int afc_peer_remove(afc_engine *e, uint32_t peer)
     return rc;
 }
 
+int afc_peer_fail(afc_engine *e, uint32_t peer, int32_t err)
+{
+    pthread_mutex_lock(&e->dom_lock);
+    int rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
+    if (!rc)
+        e->peers[peer].failed = err > 0 ? err : FI_EHOSTUNREACH;
+    pthread_mutex_unlock(&e->dom_lock);
+    return rc;
+}
+
 uint32_t afc_peer_paths(afc_engine *e, uint32_t peer)
 {
     return peer < e->cfg.max_peers ? e->peers[peer].n_paths : 0;

@@ -157,6 +157,11 @@ static ssize_t post_write(afc_engine *e, struct afc_peer *p, uint32_t path, cons
 static int post_fence(afc_engine *e, struct afc_batch *b)
 {
     struct afc_op *op = b->fence;
+    if (e->peers[b->peer].failed) {
+        b->err = e->peers[b->peer].failed;
+        batch_done(e, b); /* gives the reserved op back */
+        return 0;
+    }
     op->id = b->id;
     op->kind = AFC_OP_FENCE;
     op->batch = b;
@@ -180,10 +185,10 @@ int afc_post_fences(afc_engine *e)
 {
     int n = 0;
     while (e->fences) {
-        struct afc_batch *b = e->fences;
+        struct afc_batch *b = e->fences, *next = b->next_fence; /* b may be freed by post_fence */
         if (post_fence(e, b) == -FI_EAGAIN)
             break;
-        e->fences = b->next_fence; /* b may be freed now: next read first */
+        e->fences = next;
         n++;
     }
     return n;
@@ -208,6 +213,15 @@ static void stripe_landed(afc_engine *e, struct afc_batch *b)
 static int post_batch(afc_engine *e, struct afc_batch *b)
 {
     struct afc_peer *p = &e->peers[b->peer];
+    if (p->failed && b->posted < b->n) { /* the rest never reaches the provider */
+        if (!b->err)
+            b->err = p->failed;
+        b->remaining -= b->n - b->posted;
+        b->posted = b->n;
+        if (b->remaining == 0)
+            b->kind == AFC_BATCH_STRIPE ? stripe_landed(e, b) : batch_done(e, b);
+        return 0;
+    }
     int stripe = b->kind == AFC_BATCH_STRIPE;
     if (stripe && b->imm >= 0 && !b->fence && !(b->fence = op_get(e)))
         return AFC_PARTIAL;
@@ -285,6 +299,13 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     }
     if (ev_room(e) < AFC_CQ_BATCH + 2)
         return -FI_EAGAIN; /* keep room for the error record */
+    if (e->peers[s->peer].failed) { /* never reaches the provider */
+        STAT_ADD(e, errors, 1);
+        if (s->kind == AFC_OP_SEND)
+            send_slot_put(e, s->slot);
+        afc_ev_push(e, s->id, AFC_EV_ERROR, e->peers[s->peer].failed, 0, 0);
+        return 0;
+    }
     struct afc_op *op = op_get(e);
     if (!op)
         return -FI_EAGAIN;
