@@ -304,12 +304,8 @@ class TransferEngine:
         resolves when every page has completed locally, or fails with the
         first page's error. An empty page list resolves at once.
         """
-        region, off = self._src(src)
-        if type(dst) is not RegionDescriptor:
-            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
-        v = self._imm_value(imm)
-        page, sstride, dstride, sidx, didx = check_pages(
-            page_size, src_pages, dst_pages, src_stride, dst_stride, src.nbytes, dst.nbytes)
+        region, off, v, page, sstride, dstride, sidx, didx = self._pages_args(
+            src, dst, page_size, src_pages, dst_pages, src_stride, dst_stride, imm)
         if len(sidx) and (region.device is not None or dst.gpu is not None):
             return self._gpu_path().write_pages(region, off, dst, page, sstride, dstride, sidx, didx, v)
         fut = self._loop.create_future()
@@ -327,6 +323,18 @@ class TransferEngine:
         if self._ticker is None:
             self._arm_ticker()
         return fut
+
+    def _pages_args(self, src: Any, dst: Any, page_size: Any, src_pages: Any, dst_pages: Any, src_stride: Any,
+                    dst_stride: Any, imm: Any) -> tuple[MemoryRegion, int, int, int, int, int, Any, Any]:
+        """The checks of a paged write (shared with Watcher.arm_pages):
+        (region, offset, imm value, page, src stride, dst stride, src indices, dst indices)."""
+        region, off = self._src(src)
+        if type(dst) is not RegionDescriptor:
+            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
+        v = self._imm_value(imm)
+        page, sstride, dstride, sidx, didx = check_pages(
+            page_size, src_pages, dst_pages, src_stride, dst_stride, src.nbytes, dst.nbytes)
+        return region, off, v, page, sstride, dstride, sidx, didx
 
     def scatter(self, pairs: Any, *, imm: int | None = None) -> asyncio.Future[list[None]]:
         """One write per ``(src, dst)`` pair, to any number of peers; every pair
@@ -419,28 +427,23 @@ class TransferEngine:
                 f"{self.max_message_size}, the peer receives frames of up to {peer._body.max_frame}); "
                 "write large payloads into a registered region instead"
             )
-        dest = self._peer(peer)
-        i = self._next_id()
-        fut = self._loop.create_future()
-        self._pending[i] = (fut, None, dest)
-        if self._ticker is None:
-            self._arm_ticker()
-        if self._send_backlog or not self._post_send(i, data, dest, self._msg_header):
-            self._send_backlog.append((i, data, dest, self._msg_header))
-        return fut
+        return self._message(peer, data, self._msg_header)
 
     def _credit(self, peer: Address, imm: int, count: int) -> asyncio.Future[None]:
         """Deliver ``count`` immediates of value ``imm`` to ``peer`` in one
         message (the NVLink path's way to keep "one immediate per page")."""
+        return self._message(peer, wire.encode_credit(imm, count), self._credit_header)
+
+    def _message(self, peer: Address, data: bytes, hdr: bytes) -> asyncio.Future[None]:
+        """Post (or queue behind earlier ones) one message frame to ``peer``."""
         dest = self._peer(peer)
         i = self._next_id()
         fut = self._loop.create_future()
         self._pending[i] = (fut, None, dest)
         if self._ticker is None:
             self._arm_ticker()
-        data = wire.encode_credit(imm, count)
-        if self._send_backlog or not self._post_send(i, data, dest, self._credit_header):
-            self._send_backlog.append((i, data, dest, self._credit_header))
+        if self._send_backlog or not self._post_send(i, data, dest, hdr):
+            self._send_backlog.append((i, data, dest, hdr))
         return fut
 
     def _post_send(self, i: int, data: bytes, dest: int, hdr: bytes) -> bool:

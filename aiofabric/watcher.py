@@ -31,7 +31,6 @@ import numpy as np
 from ._lib import check, ffi, lib, strerror
 from .errors import ClosedResourceError, completion_error
 from .memory import Address, RegionDescriptor
-from .pages import check_pages
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -245,12 +244,8 @@ class Watcher:
         resolves at once, as write_pages() does."""
         eng = self._check_open()
         i, v = self._slot(slot), self._value(value)
-        region, off = eng._src(src)
-        if type(dst) is not RegionDescriptor:
-            raise TypeError(f"dst must be a RegionDescriptor, not {type(dst).__name__}")
-        immv = eng._imm_value(imm)
-        page, sstride, dstride, sidx, didx = check_pages(
-            page_size, src_pages, dst_pages, src_stride, dst_stride, src.nbytes, dst.nbytes)
+        region, off, immv, page, sstride, dstride, sidx, didx = eng._pages_args(
+            src, dst, page_size, src_pages, dst_pages, src_stride, dst_stride, imm)
         if len(sidx) == 0:
             fut: asyncio.Future[None] = self._loop.create_future()
             fut.set_result(None)
