@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -34,18 +35,25 @@ KNOWN = re.compile(r"\] (hang: |declared node \d+ failed, but it is alive|\d+ op
                    r"|exited with code 1$)")
 
 
+class SoakTimeout(AssertionError):
+    """The soak did not finish: its whole process group was killed."""
+
+
 async def soak(tmp_path: Path, *args: str, limit: float = 110) -> tuple[int, dict, str]:
     out = tmp_path / "soak.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SOAK), *args, "--json", str(out), cwd=ROOT, env={**os.environ, **LOOPBACK},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     try:
         async with asyncio.timeout(limit):
             text = (await proc.communicate())[0].decode(errors="replace")
     except TimeoutError:
-        proc.kill()  # its peers see the pipe close and exit
-        await proc.wait()
-        raise AssertionError(f"soak {' '.join(args)} did not finish within {limit:g} s") from None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and every peer it started
+        except ProcessLookupError:
+            pass
+        await proc.communicate()
+        raise SoakTimeout(f"soak {' '.join(args)} did not finish within {limit:g} s") from None
     assert out.exists(), f"no summary (exit {proc.returncode}):\n{text[-4000:]}"
     return proc.returncode, json.loads(out.read_text()), text
 
@@ -58,6 +66,7 @@ def check_traffic(s: dict, text: str) -> None:
     assert sum(s["transfers_verified"].values()) >= s["transfers_completed_total"] * 0.9
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_soak_without_kills(provider, tmp_path):
     rc, s, text = await soak(tmp_path, "--provider", provider, "--minutes", "0.15", "--peers", "3",
@@ -69,6 +78,7 @@ async def test_soak_without_kills(provider, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_soak_kill_one_peer(provider, tmp_path):
     """One of 3 peers is SIGKILLed 7 s in and replaced; every survivor must
@@ -77,8 +87,13 @@ async def test_soak_kill_one_peer(provider, tmp_path):
     or blame live peers (docs/soak.md): those findings turn the test into an
     expected failure, anything else (wrong bytes, wrong error types, crashes)
     fails it."""
-    rc, s, text = await soak(tmp_path, "--provider", provider, "--minutes", "0.25", "--peers", "3",
-                             "--kill-every", "7", "--op-timeout", "8", "--seed", "3", *EXTRA.get(provider, []))
+    try:
+        rc, s, text = await soak(tmp_path, "--provider", provider, "--minutes", "0.25", "--peers", "3",
+                                 "--kill-every", "7", "--op-timeout", "8", "--seed", "3", *EXTRA.get(provider, []))
+    except SoakTimeout as exc:
+        if provider == "shm":  # seen: a survivor spins for ever inside shm's fi_send (docs/soak.md)
+            pytest.xfail(f"libfabric 1.17 shm deadlocked a survivor in fi_send to the killed peer: {exc}")
+        raise
     assert s["kills"] == 1 and s["restarts"] >= 1 and s["unexpected_deaths"] == 0, text[-6000:]
     check_traffic(s, text)
     assert set(s["errors_by_type"]) <= {"BrokenResourceError", "Hang"}, s["errors_by_type"]
