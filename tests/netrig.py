@@ -31,13 +31,22 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from aiofabric.liveness import process_alive
+
 __all__ = [
-    "PREFIX", "BASE", "NetRig", "Rail", "RigError", "rig_unavailable", "cleanup_stale",
-    "tbf_params", "readline",
+    "BASE",
+    "PREFIX",
+    "NetRig",
+    "Rail",
+    "RigError",
+    "cleanup_stale",
+    "readline",
+    "rig_unavailable",
+    "tbf_params",
 ]
 
 #: Every namespace this module creates starts with this (then ``<pid>x<seq>``).
@@ -103,13 +112,7 @@ def tbf_params(mbit: float) -> tuple[str, str, str]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid, 0)  # the library's check (exited and zombie processes are dead)
 
 
 def _list_netns() -> list[str]:
