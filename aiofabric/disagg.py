@@ -138,6 +138,8 @@ class DecodeRequest:
         return t
 
     def _on_final(self, t: asyncio.Task[None]) -> None:
+        # Runs as a done callback, i.e. one loop step after the wait finished:
+        # result() may return first, so it calls this too (idempotent).
         if t.cancelled():
             return
         exc = t.exception()
@@ -164,6 +166,7 @@ class DecodeRequest:
         for layer in range(self._dec.layout.layers):
             await self._until(self._wait(layer))
         await self._until(self._final)
+        self._on_final(self._final)
         return bytes(self.hidden)
 
     async def _until(self, t: asyncio.Task[None]) -> None:
