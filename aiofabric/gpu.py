@@ -37,30 +37,42 @@ __all__ = ["CudaBuffer", "GpuHandle", "GpuPath", "cuda_buffer"]
 _KDL_CUDA = 2
 _IPC_HANDLE_BYTES = 64
 _COPY_PAGES = r"""
-extern "C" __global__ void copy_pages(const char* __restrict__ src, char* __restrict__ dst,
-                                      const long long* __restrict__ sidx, const long long* __restrict__ didx,
-                                      long long n, long long page, long long sstride, long long dstride)
+/* One warp copies one 4 KiB chunk of one page per step: every lane keeps eight
+ * 16-byte loads in flight before its stores, whatever the page size, so small
+ * pages get the same memory-level parallelism as large ones.  The arguments
+ * live in device memory (see PageLauncher.pack): one upload, one launch
+ * parameter. */
+extern "C" __global__ void copy_pages(const long long* __restrict__ args)
 {
-    const long long bd = blockDim.x;
-    for (long long p = blockIdx.x; p < n; p += gridDim.x) {
-        const char* s = src + sidx[p] * sstride;
-        char* d = dst + didx[p] * dstride;
-        if ((((unsigned long long)s | (unsigned long long)d | (unsigned long long)page) & 15) == 0) {
+    const char* src = (const char*)args[0];
+    char* dst = (char*)args[1];
+    const long long n = args[2], page = args[3], sstride = args[4], dstride = args[5];
+    const long long* sidx = args + 8;
+    const long long* didx = args + 8 + n;
+    const int lane = threadIdx.x & 31;
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    const long long per = (page + 4095) >> 12;  /* chunks per page */
+    const long long units = n * per;
+    for (long long u = warp; u < units; u += warps) {
+        const long long p = u / per;
+        const long long lo = (u - p * per) << 12;
+        const long long len = page - lo < 4096 ? page - lo : 4096;
+        const char* s = src + sidx[p] * sstride + lo;
+        char* d = dst + didx[p] * dstride + lo;
+        if ((((unsigned long long)s | (unsigned long long)d | (unsigned long long)len) & 15) == 0) {
             const uint4* s4 = (const uint4*)s;
             uint4* d4 = (uint4*)d;
-            const long long nv = page / 16;
-            long long i = threadIdx.x;
-            for (; i + 3 * bd < nv; i += 4 * bd) {  /* four 16-byte loads in flight per thread */
-                uint4 a = s4[i], b = s4[i + bd], c = s4[i + 2 * bd], e = s4[i + 3 * bd];
-                d4[i] = a;
-                d4[i + bd] = b;
-                d4[i + 2 * bd] = c;
-                d4[i + 3 * bd] = e;
-            }
-            for (; i < nv; i += bd)
-                d4[i] = s4[i];
+            const int nv = (int)(len >> 4);
+            uint4 r[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (lane + 32 * j < nv) r[j] = s4[lane + 32 * j];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (lane + 32 * j < nv) d4[lane + 32 * j] = r[j];
         } else {
-            for (long long i = threadIdx.x; i < page; i += blockDim.x)
+            for (long long i = lane; i < len; i += 32)
                 d[i] = s[i];
         }
     }
@@ -167,6 +179,51 @@ def gpu_handle(buf: CudaBuffer) -> GpuHandle:
     return GpuHandle(buf.device, ipc, int(base.value))
 
 
+class PageLauncher:
+    """The page-copy kernel on one device, launched through the driver API
+    (``cuLaunchKernel`` via ctypes, a few microseconds less per call than a
+    CuPy launch).  Its arguments and both index lists travel in one buffer:
+    a 64-byte header then the source and the destination indices."""
+
+    HEADER = 64
+
+    def __init__(self, cp: Any, device: int) -> None:
+        with cp.cuda.Device(device):
+            self.kernel = cp.RawKernel(_COPY_PAGES, "copy_pages")
+            self._fn = ctypes.c_void_p(self.kernel.kernel.ptr)
+        lib = _libcuda()
+        self._launch = lib.cuLaunchKernel
+        self._launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        self._arg = ctypes.c_uint64()
+        self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self._arg))
+
+    @classmethod
+    def nbytes(cls, n: int) -> int:
+        return cls.HEADER + 16 * n
+
+    @staticmethod
+    def pack(host: Any, dev: int, src: int, dst: int, sidx: np.ndarray, didx: np.ndarray, page: int,
+             sstride: int, dstride: int) -> None:
+        """Fill ``host`` (at least ``nbytes(n)`` bytes) with the arguments of a
+        launch whose buffer will be at device address ``dev``."""
+        n = len(sidx)
+        a = np.frombuffer(host, np.int64, 8 + 2 * n)
+        a[:6] = (src, dst, n, page, sstride, dstride)
+        a[8:8 + n] = sidx
+        a[8 + n:] = didx
+
+    def launch(self, stream: int, dev: int, n: int, page: int) -> None:
+        """Launch on ``stream`` (a handle) over the arguments at ``dev``: eight
+        warps a block, one warp per 4 KiB chunk (the grid strides beyond 32768
+        blocks).  The driver copies the parameter at launch."""
+        chunks = n * ((page + 4095) >> 12)
+        blocks = max(1, min((chunks + 7) // 8, 32768))
+        self._arg.value = dev
+        rc = self._launch(self._fn, blocks, 1, 1, 256, 1, 1, 0, stream, self._params, None)
+        if rc:
+            raise FabricError(f"cuLaunchKernel failed with CUDA error {rc}")
+
+
 class GpuPath:
     """The NVLink path of one engine: streams per device, mapped peer
     allocations, the page-copy kernel, and the transfers in flight."""
@@ -256,21 +313,18 @@ class GpuPath:
         stream = self._stream(device)
         n = len(sidx)
         with cp.cuda.Device(device):
-            kernel = self._kernels.get(device)
-            if kernel is None:
-                kernel = self._kernels[device] = cp.RawKernel(_COPY_PAGES, "copy_pages")
-            # Both index lists go up in one asynchronous copy from a reused
-            # pinned buffer (a pageable copy would stall until the stream drains).
-            stage = self._stage(device, 16 * n)
-            host = np.frombuffer(stage[0], np.int64, 2 * n)
-            host[:n] = sidx
-            host[n:] = didx
-            dev_idx = stage[1].data.ptr
-            self._cp.cuda.runtime.memcpyAsync(dev_idx, stage[0].ptr, 16 * n, 1, stream.ptr)  # host to device
-            blocks = int(min(n, 65535))  # one block per page
-            kernel((blocks,), (256,), (np.uint64(region.address + off), np.uint64(self._target(dst, device)),
-                                       np.uint64(dev_idx), np.uint64(dev_idx + 8 * n), np.int64(n),
-                                       np.int64(page), np.int64(sstride), np.int64(dstride)), stream=stream)
+            launcher = self._kernels.get(device)
+            if launcher is None:
+                launcher = self._kernels[device] = PageLauncher(cp, device)
+            # Arguments and both index lists go up in one asynchronous copy from
+            # a reused pinned buffer (a pageable copy would stall until the stream drains).
+            nbytes = PageLauncher.nbytes(n)
+            stage = self._stage(device, nbytes)
+            dev = stage[1].data.ptr
+            PageLauncher.pack(stage[0], dev, region.address + off, self._target(dst, device), sidx, didx, page,
+                              sstride, dstride)
+            cp.cuda.runtime.memcpyAsync(dev, stage[0].ptr, nbytes, 1, stream.ptr)  # host to device
+            launcher.launch(stream.ptr, dev, n, page)
         return self._after(device, stream, region, dst, imm, n, (device, stage), n * page)
 
     def _stage(self, device: int, nbytes: int) -> tuple[Any, Any]:

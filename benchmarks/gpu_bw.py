@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 
 import numpy as np
 
 import aiofabric as af
+from aiofabric.gpu import PageLauncher
 
 
 def _median(xs: list[float]) -> float:
@@ -100,31 +104,53 @@ async def run(reps: int) -> dict:
                     stream.synchronize()
                     naive.append(time.perf_counter() - t0)
             # Where the time goes: the kernel alone (device events), and the call's host cost.
-            kern = a._gpu._kernels[s_dev]
-            idx = cp.asarray(np.concatenate((sidx, didx)))
+            launcher = a._gpu._kernels[s_dev]
+            with cp.cuda.Device(s_dev):
+                nb = PageLauncher.nbytes(n)
+                host, args = cp.cuda.alloc_pinned_memory(nb), cp.empty(nb, dtype=cp.uint8)
+                PageLauncher.pack(host, args.data.ptr, src.data.ptr, dst.data.ptr, sidx, didx, page, page, page)
+                rt.memcpy(args.data.ptr, host.ptr, nb, 1)
             ev0, ev1 = cp.cuda.Event(), cp.cuda.Event()
-            ktimes, calls = [], []
+            ktimes, calls, device_wait, detect = [], [], [], []
             with cp.cuda.Device(s_dev):
                 for _ in range(reps):
                     ev0.record(stream)
-                    kern((min(n, 65535),), (256,), (np.uint64(src.data.ptr), np.uint64(dst.data.ptr), idx[:n],
-                                                   idx[n:], np.int64(n), np.int64(page), np.int64(page),
-                                                   np.int64(page)), stream=stream)
+                    launcher.launch(stream.ptr, args.data.ptr, n, page)
                     ev1.record(stream)
                     ev1.synchronize()
                     ktimes.append(cp.cuda.get_elapsed_time(ev0, ev1) / 1e3)
-            for _ in range(reps):
+            own = a._gpu._stream(s_dev)
+            for _ in range(reps):  # the call, then the device, then noticing the end
                 t0 = time.perf_counter()
                 f = a.write_pages(rs, desc, page, sidx, didx)
-                calls.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                own.synchronize()
+                t2 = time.perf_counter()
                 await f
+                t3 = time.perf_counter()
+                calls.append(t1 - t0)
+                device_wait.append(t2 - t1)
+                detect.append(t3 - t2)
             piped = []  # four calls in flight, as a layer-by-layer sender issues them
             for _ in range(reps):
                 t0 = time.perf_counter()
                 await asyncio.gather(*(a.write_pages(rs, desc, page, sidx, didx) for _ in range(4)))
                 piped.append(time.perf_counter() - t0)
+            if page == 32768:  # where a call's host time goes (top functions by own time)
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(200):
+                    f = a.write_pages(rs, desc, page, sidx, didx)
+                    prof.disable()
+                    await f
+                    prof.enable()
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+                out["call_profile"] = text.getvalue()
             row = {"page": page, "pages": n, "aiofabric_GBps": total / _median(fab) / 1e9,
                    "kernel_GBps": total / _median(ktimes) / 1e9, "call_us": _median(calls) * 1e6,
+                   "device_wait_us": _median(device_wait) * 1e6, "detect_us": _median(detect) * 1e6,
                    "pipelined_GBps": 4 * total / _median(piped) / 1e9,
                    "contiguous_GBps": total / _median(ceil) / 1e9, "per_page_copies_GBps": total / _median(naive) / 1e9,
                    "aiofabric_Mpages_s": n / _median(fab) / 1e6}
@@ -231,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["single"]:
         print(f"{r['bytes'] >> 20:>10} MiB {r['aiofabric_GBps']:15.1f} {r['memcpy_peer_GBps']:20.1f} {r['ratio']:6.2f}")
     print(f"{'page list':>14} {'aiofabric GB/s':>15} {'Mpages/s':>9} {'contiguous GB/s':>16} {'per-page copies':>16} "
-          f"{'ratio':>6} {'kernel GB/s':>12} {'call us':>8} {'4 in flight':>12} {'ratio':>6}")
+          f"{'ratio':>6} {'kernel GB/s':>12} {'call us':>8} {'device us':>9} {'detect us':>9} {'4 in flight':>12} "
+          f"{'ratio':>6}")
     for r in res["pages"]:
         print(f"{r['pages']:>5}x{r['page'] >> 10:>3} KiB {r['aiofabric_GBps']:15.1f} {r['aiofabric_Mpages_s']:9.2f} "
               f"{r['contiguous_GBps']:16.1f} {r['per_page_copies_GBps']:16.1f} {r['ratio_to_contiguous']:6.2f} "
-              f"{r['kernel_GBps']:12.1f} {r['call_us']:8.1f} {r['pipelined_GBps']:12.1f} {r['pipelined_ratio']:6.2f}")
+              f"{r['kernel_GBps']:12.1f} {r['call_us']:8.1f} {r['device_wait_us']:9.1f} {r['detect_us']:9.1f} {r['pipelined_GBps']:12.1f} {r['pipelined_ratio']:6.2f}")
     lat = res["imm_latency_us"]
     print(f"write(4 KiB, imm) -> target counter: p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us, max {lat['max']:.1f} us")
     wl = res["watcher"]
