@@ -90,6 +90,8 @@ class EngineStatistics:
     #: the provider refused FI_DELIVERY_COMPLETE, so a striped write's trailing
     #: immediate follows the shards' plain local completion (docs/multi-nic.md)
     fence_unconfirmed: bool = False
+    #: sends to failed peers whose message slots were replaced (docs/failures.md)
+    sends_written_off: int = 0
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ struct afc_stats {
     uint64_t eagain;
     uint64_t worker_sleeps;
     uint64_t worker_wakeups;
+    uint64_t sends_written_off; /* send slots replaced because their peer failed */
     uint64_t sq_depth;
     uint64_t ops_in_flight;
     uint64_t rail_bytes[4];    /* bytes posted on each rail */

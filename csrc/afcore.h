@@ -21,6 +21,7 @@
 #define AFC_SQ_BUDGET 64 /* posts per worker pass before the CQ is read again */
 #define AFC_OP_FENCE 16  /* the trailing immediate of a striped write */
 #define AFC_DEFER 256    /* submissions set aside while their peer's queue is full */
+#define AFC_NONE UINT32_MAX /* no peer / no send slot */
 /* afc_post_sqe's results besides 0 and -FI_EAGAIN (no shared room: stop this pass) */
 #define AFC_PARTIAL 1    /* out of operation contexts or budget: stop this pass */
 #define AFC_BLOCKED 2    /* the provider said -FI_EAGAIN for this one: others may go ahead */
@@ -69,8 +70,23 @@ struct afc_op {
     struct fi_context2 ctx; /* first: providers in FI_CONTEXT mode write here */
     uint64_t id;
     uint32_t kind;
-    uint32_t slot;
+    uint32_t slot;  /* AFC_OP_SEND: its send slot, AFC_NONE once written off */
+    uint32_t peer;  /* AFC_OP_SEND while at the provider: its peer; else AFC_NONE */
     struct afc_batch *batch; /* AFC_OP_PAGES: the batch this piece belongs to */
+};
+
+/* A send slot's buffer: a piece of the message block, or its own registered
+ * allocation once the original was written off (see afc_peer_fail). */
+struct afc_send_slot {
+    char *buf;
+    struct fid_mr *mr;
+};
+
+/* A written-off send buffer: a provider may still hold it; freed at close. */
+struct afc_orphan {
+    struct afc_orphan *next;
+    char *buf;
+    struct fid_mr *mr;
 };
 
 struct afc_mr {
@@ -157,12 +173,14 @@ struct afc_engine {
     struct afc_op *recv_ops;
     uint32_t *send_free; /* sq_lock */
     uint32_t n_send_free;
+    struct afc_send_slot *send_slots; /* dom_lock to replace one; see afc_peer_fail */
+    struct afc_orphan *orphans;       /* dom_lock */
 
     struct afc_watch_hub *watch; /* watcher.c: the engine's watcher thread, made on first use */
 
     struct {
         atomic_uint_fast64_t writes_posted, bytes_posted, sends_posted, completions, errors,
-            imms_received, msgs_received, eagain, worker_sleeps, worker_wakeups;
+            imms_received, msgs_received, eagain, worker_sleeps, worker_wakeups, sends_written_off;
     } st;
 };
 
@@ -181,7 +199,7 @@ int afc_ev_push(afc_engine *e, uint64_t id, int32_t kind, int32_t err, uint64_t 
 
 static inline char *afc_send_buf(afc_engine *e, uint32_t slot)
 {
-    return e->msg_mem + (size_t)(e->cfg.recv_slots + slot) * e->cfg.msg_size;
+    return e->send_slots[slot].buf;
 }
 
 static inline int afc_sq_empty(afc_engine *e)

@@ -78,6 +78,8 @@ static struct fi_info *make_hints(const struct afc_config *cfg, const char *doma
     return h;
 }
 
+static void free_send_buf(afc_engine *e, char *buf, struct fid_mr *mr);
+
 /* Register on one rail with a random key (unless the provider chooses),
  * binding to the endpoint where the provider asks for it.  dom_lock held or
  * not yet shared. */
@@ -115,16 +117,21 @@ static int alloc_rings(afc_engine *e)
     e->op_free = calloc(c->max_ops, sizeof *e->op_free);
     e->recv_ops = calloc(c->recv_slots, sizeof *e->recv_ops);
     e->send_free = calloc(c->send_slots, sizeof *e->send_free);
+    e->send_slots = calloc(c->send_slots, sizeof *e->send_slots);
     e->peers = calloc(c->max_peers, sizeof *e->peers);
     e->peer_free = calloc(c->max_peers, sizeof *e->peer_free);
     if (posix_memalign((void **)&e->msg_mem, 4096,
                        (size_t)(c->recv_slots + c->send_slots) * c->msg_size))
         e->msg_mem = NULL;
-    if (!e->sq || !e->evr || !e->ops || !e->op_free || !e->recv_ops || !e->send_free || !e->msg_mem ||
-        !e->peers || !e->peer_free)
+    if (!e->sq || !e->evr || !e->ops || !e->op_free || !e->recv_ops || !e->send_free || !e->send_slots ||
+        !e->msg_mem || !e->peers || !e->peer_free)
         return -FI_ENOMEM;
-    for (uint32_t i = 0; i < c->max_ops; i++)
+    for (uint32_t i = 0; i < c->max_ops; i++) {
         e->op_free[i] = c->max_ops - 1 - i;
+        e->ops[i].peer = AFC_NONE;
+    }
+    for (uint32_t i = 0; i < c->send_slots; i++)
+        e->send_slots[i].buf = e->msg_mem + (size_t)(c->recv_slots + i) * c->msg_size;
     e->n_op_free = c->max_ops;
     for (uint32_t i = 0; i < c->send_slots; i++)
         e->send_free[i] = c->send_slots - 1 - i;
@@ -267,6 +274,8 @@ static int open_rails(afc_engine *e, const struct afc_config *cfg, char *errbuf,
     int rc = reg_rail(e, 0, e->msg_mem, msg_bytes, FI_SEND | FI_RECV, &e->msg_mr);
     if (rc)
         return fail(errbuf, errlen, rc, "fi_mr_reg(message buffers)");
+    for (uint32_t i = 0; i < e->cfg.send_slots; i++)
+        e->send_slots[i].mr = e->msg_mr;
     for (uint32_t i = 0; i < e->cfg.recv_slots; i++)
         if ((rc = afc_post_recv(e, i)))
             return fail(errbuf, errlen, rc, "fi_recv");
@@ -344,6 +353,16 @@ void afc_close(afc_engine *e)
     if (!e)
         return;
     afc_stop(e);
+    /* Endpoints are closed: no provider holds a send buffer any more. */
+    while (e->orphans) {
+        struct afc_orphan *o = e->orphans;
+        e->orphans = o->next;
+        free_send_buf(e, o->buf, o->mr);
+        free(o);
+    }
+    for (uint32_t i = 0; e->send_slots && i < e->cfg.send_slots; i++)
+        free_send_buf(e, e->send_slots[i].buf, e->send_slots[i].mr);
+    free(e->send_slots);
     close_fid(e->msg_mr ? &e->msg_mr->fid : NULL);
     for (uint32_t r = 0; r < AFC_MAX_RAILS; r++) {
         struct afc_rail *rl = &e->rail[r];
@@ -437,6 +456,7 @@ void afc_get_stats(afc_engine *e, struct afc_stats *o)
     S(eagain);
     S(worker_sleeps);
     S(worker_wakeups);
+    S(sends_written_off);
 #undef S
     for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
         o->rail_bytes[r] = atomic_load_explicit(&e->rail[r].bytes_posted, memory_order_relaxed);
@@ -520,12 +540,64 @@ int afc_peer_remove(afc_engine *e, uint32_t peer)
     return rc;
 }
 
+/* A send buffer of its own (a replacement), or a piece of the message block. */
+static void free_send_buf(afc_engine *e, char *buf, struct fid_mr *mr)
+{
+    if (mr && mr != e->msg_mr)
+        fi_close(&mr->fid);
+    if (buf && (buf < e->msg_mem ||
+                buf >= e->msg_mem + (size_t)(e->cfg.recv_slots + e->cfg.send_slots) * e->cfg.msg_size))
+        free(buf);
+}
+
+/* Sends to a failed peer may never complete (shm and rxd keep them for
+ * ever): give their slots back with fresh buffers, so that a dead peer cannot
+ * use up the slots every other peer needs.  The provider keeps the old
+ * buffer until close; a late completion finds the slot written off.
+ * dom_lock held.  Returns how many were written off. */
+static uint32_t write_off_sends(afc_engine *e, uint32_t peer)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < e->cfg.max_ops; i++) {
+        struct afc_op *op = &e->ops[i];
+        if (op->peer != peer || op->kind != AFC_OP_SEND || op->slot == AFC_NONE)
+            continue;
+        struct afc_orphan *o = malloc(sizeof *o);
+        char *buf = NULL;
+        struct fid_mr *mr = NULL;
+        if (!o || posix_memalign((void **)&buf, 4096, e->cfg.msg_size)) {
+            free(o);
+            break; /* out of memory: the slot stays with its operation */
+        }
+        if (reg_rail(e, 0, buf, e->cfg.msg_size, FI_SEND, &mr)) {
+            free(o);
+            free(buf);
+            break;
+        }
+        struct afc_send_slot *s = &e->send_slots[op->slot];
+        o->buf = s->buf;
+        o->mr = s->mr;
+        o->next = e->orphans;
+        e->orphans = o;
+        s->buf = buf;
+        s->mr = mr;
+        pthread_mutex_lock(&e->sq_lock);
+        e->send_free[e->n_send_free++] = op->slot;
+        pthread_mutex_unlock(&e->sq_lock);
+        op->slot = AFC_NONE;
+        n++;
+    }
+    return n;
+}
+
 int afc_peer_fail(afc_engine *e, uint32_t peer, int32_t err)
 {
     pthread_mutex_lock(&e->dom_lock);
     int rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
-    if (!rc)
+    if (!rc) {
         e->peers[peer].failed = err > 0 ? err : FI_EHOSTUNREACH;
+        STAT_ADD(e, sends_written_off, write_off_sends(e, peer));
+    }
     pthread_mutex_unlock(&e->dom_lock);
     return rc;
 }

@@ -75,6 +75,7 @@ static struct afc_op *op_get(afc_engine *e)
 
 static void op_put(afc_engine *e, struct afc_op *op)
 {
+    op->peer = AFC_NONE;
     e->op_free[e->n_op_free++] = (uint32_t)(op - e->ops);
 }
 
@@ -312,6 +313,7 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     op->id = s->id;
     op->kind = s->kind;
     op->slot = s->slot;
+    op->peer = s->kind == AFC_OP_SEND ? s->peer : AFC_NONE;
     struct afc_peer *p = &e->peers[s->peer];
     ssize_t rc;
     if (s->kind == AFC_OP_WRITE) {
@@ -322,8 +324,8 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
         if (rc == 0 && s->path < 0)
             e->rr++;
     } else {
-        rc = fi_send(e->rail[0].ep, afc_send_buf(e, s->slot), s->len, fi_mr_desc(e->msg_mr), p->addr[0],
-                     &op->ctx);
+        rc = fi_send(e->rail[0].ep, afc_send_buf(e, s->slot), s->len, fi_mr_desc(e->send_slots[s->slot].mr),
+                     p->addr[0], &op->ctx);
         if (rc == 0)
             STAT_ADD(e, sends_posted, 1);
     }
@@ -417,7 +419,7 @@ static void complete_op(afc_engine *e, struct afc_op *op, int err, int prov_errn
         STAT_ADD(e, completions, 1);
         afc_ev_push(e, op->id, AFC_EV_DONE, 0, 0, 0);
     }
-    if (op->kind == AFC_OP_SEND)
+    if (op->kind == AFC_OP_SEND && op->slot != AFC_NONE)
         send_slot_put(e, op->slot);
     op_put(e, op);
 }

@@ -40,6 +40,7 @@ DM = HEADS * HEAD_DIM
 NUM_BLOCKS = 256  # per server: 64 MiB of fp16 KV cache
 LAYOUT = KVLayout.vllm_flash_attn(LAYERS, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM, itemsize=2)
 HIDDEN_BYTES = DM * 4
+SETTINGS = dict(spin_us=int(os.environ.get("SPIN_US", "20000")), wait_spin_us=int(os.environ.get("SPIN_US", "20000")))
 
 
 def pack(d):
@@ -109,7 +110,7 @@ def prefill_main(provider: str, decoder: bytes, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider) as eng:
+        async with af.open_engine(provider, **SETTINGS) as eng:
             region = eng.register(buf, remote_write=False)
             async with KVPrefill(eng, LAYOUT, region, hidden_bytes=HIDDEN_BYTES) as pre:
                 await pre.join(af.Address.from_bytes(decoder))   # registration by message
@@ -159,7 +160,7 @@ def decode_main(provider: str, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider) as eng:
+        async with af.open_engine(provider, **SETTINGS) as eng:
             async with KVDecoder(eng, LAYOUT, eng.register(buf), hidden_bytes=HIDDEN_BYTES) as dec:
                 conn.send(eng.address.to_bytes())
                 stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
@@ -231,7 +232,7 @@ async def client(provider: str, lengths: list[int], repeats: int, png: str) -> i
     rng = np.random.default_rng(1)
     results, timelines, tokens = {}, {}, {}
     bad = 0
-    async with af.open_engine(provider) as eng:
+    async with af.open_engine(provider, **SETTINGS) as eng:
         try:
             plan = [(64, True, "warmup")] + [(n, s, r) for r in range(repeats) for n in lengths for s in (True, False)]
             for rid, (n, stream, rep) in enumerate(plan):
