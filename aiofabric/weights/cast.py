@@ -97,15 +97,15 @@ def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, block: int = BLOCK)
     return e4m3_to_f32(codes) * rep
 
 
-def quantize_runs(src: np.ndarray, starts: np.ndarray, rows: int, width: int, out_codes: np.ndarray,
+def quantize_runs(src: np.ndarray, row_starts: np.ndarray, rows: int, width: int, out_codes: np.ndarray,
                   out_scales: np.ndarray, block: int = BLOCK) -> None:
-    """Quantize pieces of a flat bf16 array: piece k is ``rows * width``
-    elements from ``src[starts[k]:]``, seen as ``rows`` rows of ``width``.
+    """Quantize pieces gathered row by row from a flat bf16 array: piece k
+    is ``rows`` rows of ``width`` elements, row r at
+    ``src[row_starts[k * rows + r]:]`` (``row_starts`` may be ``[n, rows]``).
     Codes go to ``out_codes`` (piece k at ``k * rows * width``), scales to
     ``out_scales`` (piece k at ``k * rows * ceil(width / block)``)."""
-    n = rows * width
-    idx = np.asarray(starts, np.int64)[:, None] + np.arange(n, dtype=np.int64)
-    x = src[idx].reshape(len(starts), rows, width)
-    q, s = quantize_blocks(x, block)
+    starts = np.asarray(row_starts, np.int64).reshape(-1)
+    idx = starts[:, None] + np.arange(width, dtype=np.int64)
+    q, s = quantize_blocks(src[idx], block)
     out_codes[: q.size] = q.reshape(-1)
     out_scales[: s.size] = s.reshape(-1)

@@ -33,9 +33,9 @@ __device__ __forceinline__ unsigned char f32_to_e4m3(float f)
 }
 
 /* One thread block per quantization block: piece p, row r, column block c.
- * Piece p is rows x width bf16 elements at src + starts[p]; its codes go to
- * codes + p*rows*width, its scales to scales + p*rows*nb. */
-extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, const long long* __restrict__ starts,
+ * Row r of piece p is width bf16 elements at src + row_starts[p*rows + r];
+ * the piece's codes go to codes + p*rows*width, its scales to scales + p*rows*nb. */
+extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, const long long* __restrict__ row_starts,
                                      unsigned char* __restrict__ codes, float* __restrict__ scales,
                                      long long total, long long rows, long long width, long long nb)
 {
@@ -48,7 +48,7 @@ extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, con
     const bool valid = col < width;
     const long long e = r * width + col;
     float x = 0.0f;
-    if (valid) x = __uint_as_float(((unsigned int)src[starts[p] + e]) << 16);
+    if (valid) x = __uint_as_float(((unsigned int)src[row_starts[p * rows + r] + col]) << 16);
     float a = fabsf(x);
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
     if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = a;
@@ -77,18 +77,20 @@ def kernel(device: int) -> Any:
         return cp.RawKernel(QUANT_SRC, "quant_fp8")
 
 
-def quantize_runs_gpu(src_ptr: int, starts: np.ndarray, rows: int, width: int, codes_ptr: int, scales_ptr: int,
+def quantize_runs_gpu(src_ptr: int, row_starts: np.ndarray, rows: int, width: int, codes_ptr: int, scales_ptr: int,
                       *, block: int = 128, device: int = 0, stream: Any = None) -> None:
     """Enqueue the quantization of pieces (see :func:`~aiofabric.weights.cast.quantize_runs`)
-    on ``stream``: ``src_ptr`` points at bf16 elements (``starts`` are element
-    offsets from it), ``codes_ptr``/``scales_ptr`` at the packed outputs.
+    on ``stream``: ``src_ptr`` points at bf16 elements (``row_starts``, one per
+    row of every piece, are element offsets from it), ``codes_ptr``/``scales_ptr``
+    at the packed outputs.
     ``block`` must be a multiple of 32, at most 1024."""
     from ..gpu import _cupy
 
     if block % 32 or not 32 <= block <= 1024:
         raise ValueError(f"block must be a multiple of 32 in 32..1024 on the GPU, got {block}")
     cp = _cupy()
-    n = len(starts)
+    starts = np.ascontiguousarray(row_starts, np.int64).reshape(-1)
+    n = len(starts) // rows
     if n == 0:
         return
     nb = -(-width // block)
@@ -97,7 +99,7 @@ def quantize_runs_gpu(src_ptr: int, starts: np.ndarray, rows: int, width: int, c
     with cp.cuda.Device(device), stream:
         # allocated, filled and (when dropped) freed in this stream's order: CuPy's pool
         # hands the memory out again only behind the kernel that reads it
-        dstarts = cp.asarray(np.ascontiguousarray(starts, np.int64))
+        dstarts = cp.asarray(starts)
         kernel(device)((int(total),), (block,), (np.uint64(src_ptr), dstarts, np.uint64(codes_ptr),
                                                   np.uint64(scales_ptr), np.int64(total), np.int64(rows),
                                                   np.int64(width), np.int64(nb)), stream=stream)

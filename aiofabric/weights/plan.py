@@ -204,13 +204,20 @@ class Plan:
         unit = np.minimum(unit, length)
         return np.minimum(length, np.maximum(unit, cap // unit * unit))
 
+    def _runs(self, i: int, t: _Table, sshape: np.ndarray, dshape: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(split dim, runs, run length) per route.  A quantized route is staged
+        (gathered row by row while casting), so only the destination needs
+        its runs contiguous."""
+        ext = t.hi - t.lo
+        return run_shape(ext, ext if self.cast(i) else sshape, dshape)
+
     def route_stats(self, i: int) -> dict[str, np.ndarray]:
         """Per route of parameter i: ``runs``, ``run_len`` (elements),
         ``pieces`` (per run), ``writes`` (immediates delivered), ``bytes``
         (written at the destination, scales included)."""
         t = self.tables[i]
         slo, sshape, dlo, dshape = self._shapes(i, t)
-        d, runs, length = run_shape(t.hi - t.lo, sshape, dshape)
+        d, runs, length = self._runs(i, t, sshape, dshape)
         piece = self._piece_elems(i, d, length, dshape[:, -1])
         pieces = -(-length // piece)
         elems = runs * length
@@ -225,27 +232,49 @@ class Plan:
                 "piece": piece}
 
     def pieces(self, i: int, k: int) -> list[Piece]:
-        """The writes of route ``k`` of parameter ``i``, grouped by length."""
+        """The writes of route ``k`` of parameter ``i``, grouped by length.
+        For a quantized route ``src`` is ``[n, rows]``: the source offset of
+        every row of every piece (rows are gathered while casting)."""
         t = self.tables[i]
         slo, sshape, dlo, dshape = self._shapes(i, t)
         sl = slice(k, k + 1)
-        d, _, length = run_shape(t.hi[sl] - t.lo[sl], sshape[sl], dshape[sl])
+        d, _, length = self._runs(i, _Table(t.src[sl], t.dst[sl], t.nic[sl], t.lo[sl], t.hi[sl]), sshape[sl],
+                                  dshape[sl])
         piece = int(self._piece_elems(i, d, length, dshape[sl, -1])[0])
         d0, n = int(d[0]), int(length[0])
-        s0 = run_starts(t.lo[k], t.hi[k], d0, slo[k], sshape[k])
         t0 = run_starts(t.lo[k], t.hi[k], d0, dlo[k], dshape[k])
-        cols = int(dshape[k, -1])
-        in_row = d0 == len(t.lo[k]) - 1
         full, rest = divmod(n, piece)
+        if not self.cast(i):
+            s0 = run_starts(t.lo[k], t.hi[k], d0, slo[k], sshape[k])
+            out = []
+            if full:
+                off = np.arange(full, dtype=np.int64) * piece
+                out.append(Piece(piece, (s0[:, None] + off).reshape(-1), (t0[:, None] + off).reshape(-1), 1, piece))
+            if rest:
+                out.append(Piece(rest, s0 + full * piece, t0 + full * piece, 1, rest))
+            return out
+        ndim = t.lo.shape[1]
+        rows = run_starts(t.lo[k], t.hi[k], ndim - 1, slo[k], sshape[k]) if ndim > 1 else \
+            np.array([int(t.lo[k, 0] - slo[k, 0])], np.int64)
+        if d0 == ndim - 1:  # runs within a row: pieces are whole blocks of one row
+            out = []
+            if full:
+                off = np.arange(full, dtype=np.int64) * piece
+                out.append(Piece(piece, (rows[:, None] + off).reshape(-1, 1), (t0[:, None] + off).reshape(-1),
+                                 1, piece))
+            if rest:
+                out.append(Piece(rest, (rows + full * piece)[:, None], t0 + full * piece, 1, rest))
+            return out
+        w = int(dshape[k, -1])  # runs of whole rows: pieces are whole rows
+        per_run, per_piece = n // w, piece // w
+        rows = rows.reshape(len(t0), per_run)
         out = []
         if full:
+            r = rows[:, :full * per_piece].reshape(len(t0) * full, per_piece)
             off = np.arange(full, dtype=np.int64) * piece
-            src = (s0[:, None] + off).reshape(-1)
-            dst = (t0[:, None] + off).reshape(-1)
-            out.append(Piece(piece, src, dst, 1 if in_row else piece // cols, piece if in_row else cols))
+            out.append(Piece(piece, r, (t0[:, None] + off).reshape(-1), per_piece, w))
         if rest:
-            out.append(Piece(rest, s0 + full * piece, t0 + full * piece,
-                             1 if in_row else rest // cols, rest if in_row else cols))
+            out.append(Piece(rest, rows[:, full * per_piece:], t0 + full * piece, rest // w, w))
         return out
 
     def expected(self) -> np.ndarray:
