@@ -333,7 +333,7 @@ def plan(src_layout: Layout, dst_layout: Layout, *, nics_per_rank: int = 1, max_
     naming the argument (a byte held by no source, a shard split along more
     than one dimension on one side, a cast across unaligned blocks).
     """
-    from .planner import build
+    from .planner import build, match
 
     if not isinstance(src_layout, Layout):
         raise TypeError(f"src_layout must be a Layout, not {type(src_layout).__name__}")
@@ -341,5 +341,6 @@ def plan(src_layout: Layout, dst_layout: Layout, *, nics_per_rank: int = 1, max_
         raise TypeError(f"dst_layout must be a Layout, not {type(dst_layout).__name__}")
     opts = PlanOptions(_int("nics_per_rank", nics_per_rank, 1), _int("max_write_bytes", max_write_bytes, 1),
                        _int("split_bytes", split_bytes, 1), _int("fp8_block", fp8_block, 1), _int("align", align, 1))
+    dst_layout = match(src_layout, dst_layout)
     return Plan(src_layout, dst_layout, opts, build(src_layout, dst_layout, opts))
 
