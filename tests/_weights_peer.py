@@ -53,14 +53,20 @@ def tensors(seed: int, params=PARAMS) -> dict[str, np.ndarray]:
     return out
 
 
-def source(provider: str, plan_bytes: bytes, rank: int, descs: list, seed: int, stall: bool, conn) -> None:
-    """Run source ``rank`` of an update of ``tensors(seed)``; report the
-    address first, then wait for the go (the destinations' descriptors)."""
+def source(provider: str, plan_bytes: bytes, rank: int, device: int | None, seed: int, stall: bool, conn) -> None:
+    """Run source ``rank`` of an update of ``tensors(seed)`` (from GPU
+    ``device``'s memory when not None); report the address first, then wait
+    for the go (the update's version and the destinations' descriptors)."""
 
     async def main() -> None:
         pl = Plan.from_bytes(plan_bytes)
         buf = np.zeros(pl.src_layout_bytes(rank), np.uint8)
         fill_src(pl, rank, buf, tensors(seed))
+        if device is not None:
+            import cupy
+
+            with cupy.cuda.Device(device):
+                buf = cupy.asarray(buf)
         async with af.open_engine(provider, peer_timeout=1.0) as eng:
             region = eng.register(buf, remote_write=False)
             conn.send(eng.address.to_bytes())

@@ -60,8 +60,8 @@ extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, con
     }
     __syncthreads();
     const float amax = wmax[0];
-    const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
-    if (valid) codes[p * rows * width + e] = f32_to_e4m3(x / scale);
+    const float scale = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;  /* IEEE division, fast-math or not */
+    if (valid) codes[p * rows * width + e] = f32_to_e4m3(__fdiv_rn(x, scale));
     if (threadIdx.x == 0) scales[b] = scale;
 }
 """
