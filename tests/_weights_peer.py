@@ -10,13 +10,13 @@ import time
 for _k in ("FI_TCP_IFACE", "FI_UDP_IFACE", "FI_SOCKETS_IFACE"):
     os.environ[_k] = "lo"
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import aiofabric as af  # noqa: E402
-from aiofabric.weights import Layout, ParamSpec, Plan, plan  # noqa: E402
-from aiofabric.weights.cast import f32_to_bf16  # noqa: E402
-from aiofabric.weights.execute import run_source  # noqa: E402
-from aiofabric.weights.views import fill_src  # noqa: E402
+import aiofabric as af
+from aiofabric.weights import Layout, ParamSpec, Plan, plan
+from aiofabric.weights.cast import f32_to_bf16
+from aiofabric.weights.execute import run_source
+from aiofabric.weights.views import fill_src
 
 #: a miniature MoE layer: column/row-parallel projections, stacked experts, a norm, a router (fp32 bias)
 PARAMS = [

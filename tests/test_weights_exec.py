@@ -14,8 +14,14 @@ from _weights_peer import make_plan, source, tensors
 from conftest import bounded
 
 import aiofabric as af
-from aiofabric.weights.execute import (DoubleBuffer, ack_imm, run_destination, run_source, split_imm,
-                                       update_imm)
+from aiofabric.weights.execute import (
+    DoubleBuffer,
+    ack_imm,
+    run_destination,
+    run_source,
+    split_imm,
+    update_imm,
+)
 from aiofabric.weights.views import dst_views, fill_src, matches, reference_dst
 
 pytestmark = pytest.mark.asyncio

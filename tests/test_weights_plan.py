@@ -3,6 +3,8 @@ exactly once, every replica written, balance, determinism, the msgpack form,
 and refusals; the BF16/FP8 conversions against independent references."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from _weights_peer import PARAMS, layouts, make_plan, tensors
@@ -11,8 +13,15 @@ from hypothesis import strategies as st
 
 import aiofabric as af
 from aiofabric.weights import FULL, Layout, ParamSpec, Plan, Shard, plan
-from aiofabric.weights.cast import (bf16_to_f32, dequantize_blocks, e4m3_to_f32, f32_to_bf16, f32_to_e4m3,
-                                    quantize_blocks, quantize_runs)
+from aiofabric.weights.cast import (
+    bf16_to_f32,
+    dequantize_blocks,
+    e4m3_to_f32,
+    f32_to_bf16,
+    f32_to_e4m3,
+    quantize_blocks,
+    quantize_runs,
+)
 from aiofabric.weights.views import dst_views, fill_src, matches, reference_dst
 
 # -- a sans-IO run of a plan: what run_source writes, done with NumPy ---------------------------
@@ -105,7 +114,7 @@ def test_offsets_are_aligned_and_disjoint():
     pl = make_plan(2, 2, 2, True, align=512)
     for d in range(pl.dst.ranks):
         spans = []
-        for name, (off, shape, dt, soff, sshape) in pl.dst_offsets(d).items():
+        for (off, shape, dt, soff, sshape) in pl.dst_offsets(d).values():
             n = int(np.prod(shape)) * af.weights.DTYPES[dt]
             spans.append((off, off + n))
             assert off % 512 == 0
@@ -113,7 +122,7 @@ def test_offsets_are_aligned_and_disjoint():
                 assert soff % 512 == 0
                 spans.append((soff, soff + 4 * int(np.prod(sshape))))
         spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
         assert spans[-1][1] <= pl.dst_layout_bytes(d)
 
 
@@ -131,7 +140,7 @@ def test_non_leading_dim_runs_are_merged():
 def test_lpt_balances_replicated_sources():
     params = [ParamSpec(f"p{i}", (int(n), 32), "bf16") for i, n in enumerate([5, 40, 7, 33, 12, 90, 3, 64, 18])]
     pl = plan(Layout.replicated(params, 4), Layout.tensor_parallel(params, 1, replicas=2), split_bytes=1 << 30)
-    src, nic, dst = pl.link_bytes()
+    src, _nic, _dst = pl.link_bytes()
     biggest = max(int(b.max()) for b in (pl.route_stats(i)["bytes"] for i in range(len(params))))
     assert src.max() <= src.sum() / 4 + biggest
     # a second run gives the same plan, byte for byte
@@ -173,8 +182,8 @@ def cases(draw):
         Layout.replicated(params, n_src)
     dparams = [p._replace(dtype="fp8_e4m3") if p.name in cast else p for p in params]
     dst = Layout.tensor_parallel(dparams, tp, replicas=replicas, dims=ddims, block=4)
-    opts = dict(fp8_block=4, max_write_bytes=draw(st.sampled_from([8, 64, 1 << 20])),
-                split_bytes=draw(st.sampled_from([16, 1 << 20])), nics_per_rank=draw(st.integers(1, 2)))
+    opts = {"fp8_block": 4, "max_write_bytes": draw(st.sampled_from([8, 64, 1 << 20])),
+                "split_bytes": draw(st.sampled_from([16, 1 << 20])), "nics_per_rank": draw(st.integers(1, 2))}
     return src, dst, opts
 
 
@@ -361,3 +370,45 @@ def test_block_quantization():
     err = np.abs(dequantize_blocks(q, s) - f)
     bound = np.maximum(np.abs(f) * 2.0 ** -4, np.repeat(s, 128, axis=1)[:, :300] * 2.0 ** -10)
     assert (err <= bound + 1e-30).all()
+
+
+# -- the simulator and the benchmark's configuration (no GPU) -----------------------------------------
+
+
+def test_model_shapes():
+    from aiofabric.weights.models import MODELS
+
+    # parameter counts of the published configs (multi-token-prediction layers left out)
+    assert abs(MODELS["deepseek-v3"].numel() / 1e9 - 671.0) < 0.5
+    assert abs(MODELS["qwen3-235b-a22b"].numel() / 1e9 - 235.1) < 0.5
+    assert abs(MODELS["kimi-k2"].numel() / 1e12 - 1.03) < 0.01
+    kimi = MODELS["kimi-k2"].params(2)
+    assert any(p.name == "layers.1.mlp.experts.gate_proj" and p.shape == (384, 2048, 7168) for p in kimi)
+
+
+def test_simulator_cli(capsys):
+    from aiofabric.weights.simulator import main, simulate
+
+    assert main(["--model", "qwen3-235b-a22b", "--src", "8", "--dst", "8", "--dst-group", "4", "8",
+                 "--gbps", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted_s" in out and out.count("qwen3-235b-a22b") == 2
+    r = simulate("qwen3-235b-a22b", 8, 8, 400, dst_group=8)
+    # one replica of 8: every inference rank receives about an eighth of the FP8 model
+    assert 25 < r["dst_GB_max"] < 40 and r["predicted_s"] >= r["ingress_s"]
+    with pytest.raises(ValueError, match="model"):
+        simulate("gpt-2")
+    with pytest.raises(ValueError, match="dst_group"):
+        simulate("qwen3-235b-a22b", 8, 6, dst_group=4)
+
+
+def test_benchmark_configuration():
+    from benchmarks.weights_bw import configure
+
+    for world in (2, 4):
+        params, p16, p8, layers = configure("qwen3-235b-a22b", 12, world // 2, world // 2)
+        assert layers == 2
+        assert 11e9 < sum(p.numel * p.itemsize for p in params) < 14e9
+        p16.validate()
+        p8.validate()
+        assert p8.link_bytes()[2].sum() < p16.link_bytes()[2].sum()

@@ -14,8 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FP8_MAX", "BLOCK", "f32_to_bf16", "bf16_to_f32", "f32_to_e4m3", "e4m3_to_f32",
-           "quantize_blocks", "dequantize_blocks", "quantize_runs"]
+__all__ = [
+    "BLOCK",
+    "FP8_MAX",
+    "bf16_to_f32",
+    "dequantize_blocks",
+    "e4m3_to_f32",
+    "f32_to_bf16",
+    "f32_to_e4m3",
+    "quantize_blocks",
+    "quantize_runs",
+]
 
 FP8_MAX = 448.0
 BLOCK = 128

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QUANT_SRC", "quantize_runs_gpu", "kernel"]
+__all__ = ["QUANT_SRC", "kernel", "quantize_runs_gpu"]
 
 QUANT_SRC = r"""
 __device__ __forceinline__ unsigned char f32_to_e4m3(float f)
@@ -67,7 +67,7 @@ extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, con
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(device: int) -> Any:
     """The compiled kernel for ``device`` (CuPy compiles and caches it)."""
     from ..gpu import _cupy

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,17 @@ from ..memory import Address, MemoryRegion, RegionDescriptor
 from .plan import Plan
 from .stage import Stager
 
-__all__ = ["update_imm", "ack_imm", "split_imm", "DoubleBuffer", "UpdateStats", "run_source", "run_destination",
-           "MAX_RANKS", "VERSIONS"]
+__all__ = [
+    "MAX_RANKS",
+    "VERSIONS",
+    "DoubleBuffer",
+    "UpdateStats",
+    "ack_imm",
+    "run_destination",
+    "run_source",
+    "split_imm",
+    "update_imm",
+]
 
 TAG = 0xB
 VERSIONS = 4096
@@ -232,7 +242,7 @@ async def _gather_failfast(aws: list[Any]) -> None:
     if not tasks:
         return
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
             if t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .spec import ParamSpec
 
-__all__ = ["ModelShape", "MODELS", "model", "inference_dim", "quantized"]
+__all__ = ["MODELS", "ModelShape", "inference_dim", "model", "quantized"]
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,10 @@ def inference_dim(p: ParamSpec) -> int | None:
     (o_proj, down_proj) by columns, vocabulary by rows; norms, the router and
     MLA's low-rank down projections replicated."""
     n = p.name
-    if len(p.shape) == 1 or n.endswith("mlp.gate") or n.endswith("q_a_proj") or n.endswith("kv_a_proj_with_mqa"):
+    if len(p.shape) == 1 or n.endswith(("mlp.gate", "q_a_proj", "kv_a_proj_with_mqa")):
         return None
     if ".experts." in n:
         return 0
-    if n.endswith("o_proj") or n.endswith("down_proj"):
+    if n.endswith(("o_proj", "down_proj")):
         return 1
     return 0

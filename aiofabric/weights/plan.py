@@ -12,15 +12,16 @@ quantized piece (its FP8 codes and its scales).  See docs/weights.md.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .runs import run_shape, run_starts
 from .spec import SCALE_BYTES, Layout, ParamSpec, scale_shape
 
-__all__ = ["Plan", "PlanOptions", "Route", "Piece", "plan", "CASTS"]
+__all__ = ["CASTS", "Piece", "Plan", "PlanOptions", "Route", "plan"]
 
 #: supported (source dtype, destination dtype) pairs other than plain copies
 CASTS = {("bf16", "fp8_e4m3")}
@@ -216,7 +217,7 @@ class Plan:
         ``pieces`` (per run), ``writes`` (immediates delivered), ``bytes``
         (written at the destination, scales included)."""
         t = self.tables[i]
-        slo, sshape, dlo, dshape = self._shapes(i, t)
+        _slo, sshape, _dlo, dshape = self._shapes(i, t)
         d, runs, length = self._runs(i, t, sshape, dshape)
         piece = self._piece_elems(i, d, length, dshape[:, -1])
         pieces = -(-length // piece)

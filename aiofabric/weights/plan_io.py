@@ -19,7 +19,7 @@ from ..errors import ProtocolError
 from .plan import Plan, PlanOptions, _Table
 from .spec import Layout
 
-__all__ = ["PLAN_VERSION", "encode", "decode", "validate"]
+__all__ = ["PLAN_VERSION", "decode", "encode", "validate"]
 
 PLAN_VERSION = 1
 _TAG = "af.wplan"

@@ -9,6 +9,8 @@ Last, each source rank's routes are spread over its NICs the same way.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .plan import CASTS, PlanOptions, _Table
@@ -82,7 +84,7 @@ def build(src: Layout, dst: Layout, opts: PlanOptions) -> list[_Table]:
             cuts = sorted({0, p.shape[a]} | {s.start for s in srow if s} | {s.stop for s in srow if s})
             ia, ib = np.array(cuts[:-1]), np.array(cuts[1:])
             holders = []
-            for lo_, hi_ in zip(cuts[:-1], cuts[1:]):
+            for lo_, hi_ in itertools.pairwise(cuts):
                 hs = set(full) | {r for r, s in enumerate(srow) if s is not None and s.dim is not None
                                   and s.start <= lo_ and hi_ <= s.stop}
                 holders.append(tuple(sorted(hs)))

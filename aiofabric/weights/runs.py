@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["run_split", "run_shape", "run_starts", "strides"]
+__all__ = ["run_shape", "run_split", "run_starts", "strides"]
 
 
 def strides(shape: tuple[int, ...] | np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from .models import MODELS, inference_dim, model, quantized
 from .plan import plan
 from .spec import Layout, ParamSpec
 
-__all__ = ["simulate", "main"]
+__all__ = ["main", "simulate"]
 
 
 def _layouts(params: list[ParamSpec], n_src: int, n_dst: int, dst_group: int, src_mode: str,

@@ -13,12 +13,13 @@ it registers with its engine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["DTYPES", "ParamSpec", "Shard", "FULL", "Layout", "split_range", "scale_shape"]
+__all__ = ["DTYPES", "FULL", "Layout", "ParamSpec", "Shard", "scale_shape", "split_range"]
 
 #: element size in bytes of every dtype a plan knows (bf16 and fp8 are stored as uint16 / uint8)
 DTYPES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1, "u8": 1, "i32": 4, "i64": 8}

@@ -2,13 +2,14 @@
 scales of quantized ones) as an array of its shape (sans-IO)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from .plan import Plan
 
-__all__ = ["NP_DTYPES", "src_views", "dst_views", "fill_src", "reference_dst", "matches"]
+__all__ = ["NP_DTYPES", "dst_views", "fill_src", "matches", "reference_dst", "src_views"]
 
 #: how each plan dtype is stored in NumPy (bf16 as its bits, fp8 as its codes)
 NP_DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32, "fp8_e4m3": np.uint8, "u8": np.uint8,
