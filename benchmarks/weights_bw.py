@@ -100,6 +100,13 @@ class Rank:
             cp.cuda.Device(self.rank).synchronize()
         return arr
 
+    def zero(self, arr: Any) -> None:
+        import cupy as cp
+
+        with cp.cuda.Device(self.rank):
+            arr.fill(0)
+            cp.cuda.Device(self.rank).synchronize()
+
     def full(self, i: int, seed: int) -> Any:
         """Parameter i's full tensor (the same on every rank: seeded on the device)."""
         torch = self.torch
@@ -206,8 +213,7 @@ async def _rank_main(rank: int, world: int, args: Any, port: int, out_path: str)
             times = []
             for rep in range(args.warmup + args.reps):
                 if not me.is_src:
-                    bufs.shadow.fill(0)
-                    torch.cuda.synchronize()
+                    me.zero(bufs.shadow)  # so a verified result is this update's doing
                 if mode == "nccl":
                     dist.barrier(group=cpu)
                     torch.cuda.synchronize()
