@@ -13,9 +13,15 @@ import asyncio
 import numpy as np
 
 import aiofabric as af
-from aiofabric.weights import Layout, ParamSpec, plan
+from aiofabric.weights import (
+    DoubleBuffer,
+    Layout,
+    ParamSpec,
+    plan,
+    run_destination,
+    run_source,
+)
 from aiofabric.weights.cast import f32_to_bf16
-from aiofabric.weights.execute import DoubleBuffer, run_destination, run_source
 from aiofabric.weights.views import dst_views, fill_src, matches, reference_dst
 
 PARAMS = [

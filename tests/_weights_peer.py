@@ -84,3 +84,20 @@ def source(provider: str, plan_bytes: bytes, rank: int, device: int | None, seed
             await asyncio.to_thread(conn.recv)  # until told to exit
 
     asyncio.run(main())
+
+
+def destination(provider: str, plan_bytes: bytes, rank: int, conn) -> None:
+    """A destination rank that hands out its shadow buffer and then only
+    idles (its engine answers), until the test kills it."""
+
+    async def main() -> None:
+        from aiofabric.weights.execute import DoubleBuffer
+
+        pl = Plan.from_bytes(plan_bytes)
+        n = pl.dst_layout_bytes(rank)
+        async with af.open_engine(provider, peer_timeout=1.0) as eng:
+            bufs = DoubleBuffer(eng, np.zeros(n, np.uint8), np.zeros(n, np.uint8))
+            conn.send((eng.address.to_bytes(), bufs.shadow_descriptor().to_bytes()))
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())

@@ -190,3 +190,50 @@ async def test_across_processes_then_a_source_killed_mid_update(provider, loop_e
             assert db.flips == 1, "a failed update must not flip"
             assert bytes(db.live) == live_before[d]
             assert not matches(dst_views(pl, d, db.live), old[d])
+
+
+@pytest.mark.parametrize("provider", ["shm", "tcp;ofi_rxm"])
+async def test_destination_killed_mid_update(provider, loop_errors):
+    """One source, two destinations; destination 1's process dies once the
+    update is under way: run_source raises BrokenResourceError, destination 0
+    (in this process) still receives its whole part."""
+    from _weights_peer import destination
+
+    pl = make_plan(1, 2, 1, True, max_write_bytes=256)
+    here, there = CTX.Pipe()
+    proc = CTX.Process(target=destination, args=(provider, pl.to_bytes(), 1, there), daemon=True)
+    proc.start()
+    try:
+        assert await asyncio.to_thread(here.poll, 60), "destination did not start"
+        _, d1 = here.recv()
+        async with af.open_engine(provider, peer_timeout=1.0) as se, af.open_engine(provider, peer_timeout=1.0) as de:
+            full = tensors(3)
+            sbuf = np.zeros(pl.src_layout_bytes(0), np.uint8)
+            fill_src(pl, 0, sbuf, full)
+            region = se.register(sbuf, remote_write=False)
+            db = DoubleBuffer(de, np.zeros(pl.dst_layout_bytes(0), np.uint8), np.zeros(pl.dst_layout_bytes(0), np.uint8))
+            killed = []
+
+            def progress(done, total):
+                if not killed:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(done)
+
+            wait0 = asyncio.ensure_future(run_destination(de, pl, 0, [se.address], buffers=db))
+            with pytest.raises(af.BrokenResourceError):
+                await bounded(run_source(se, pl, 0, region, [db.shadow_descriptor(), af.RegionDescriptor.from_bytes(d1)],
+                                         scratch_bytes=4096, window_bytes=2048, progress=progress), 15)
+            assert killed
+            # destination 0 is on its own: it either got everything (and flipped) or is still waiting
+            await asyncio.sleep(0.2)
+            if wait0.done():
+                await wait0
+                assert db.flips == 1 and not matches(dst_views(pl, 0, db.live), reference_dst(pl, 0, full))
+            else:
+                wait0.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await wait0
+                assert db.flips == 0
+    finally:
+        proc.kill()
+        await asyncio.to_thread(proc.join, 10)
