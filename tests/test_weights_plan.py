@@ -44,7 +44,7 @@ def apply(pl: Plan, src_bufs: list[np.ndarray]) -> list[np.ndarray]:
                     nsc = pc.rows * -(-pc.width // blk)
                     codes = np.zeros(m * pc.length, np.uint8)
                     scales = np.zeros(m * nsc, np.float32)
-                    quantize_runs(src_bufs[s][soff:].view(np.uint16), pc.src, pc.rows, pc.width, codes, scales, blk)
+                    quantize_runs(src_bufs[s][soff:soff + (len(src_bufs[s]) - soff) // 2 * 2].view(np.uint16), pc.src, pc.rows, pc.width, codes, scales, blk)
                     cols = pl.dst.shards[i][d].shape_of(pl.params[i].shape)[-1]
                     nb = -(-cols // blk)
                     for j in range(m):

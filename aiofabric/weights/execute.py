@@ -188,7 +188,7 @@ async def run_source(engine: Any, plan: Plan, rank: int, src: MemoryRegion,
     stager = None
     soffs = plan._src_off[rank]
     try:
-        for i, k, d in _order(plan, rank):
+        for i, _k, d, pieces in plan.source_work(rank):
             desc = dsts[d]
             soff = soffs[i]
             doff, sc_off = plan._dst_off[d][i]
@@ -196,14 +196,14 @@ async def run_source(engine: Any, plan: Plan, rank: int, src: MemoryRegion,
                 if stager is None:
                     stager = Stager(engine, src, scratch_bytes, plan.options.fp8_block)
                 cols = plan.dst.shards[i][d].shape_of(plan.params[i].shape)[-1]  # type: ignore[union-attr]
-                for piece in plan.pieces(i, k):
+                for piece in pieces:
                     for sel in stager.batches(piece):
                         for fut, n in await stager.send(piece, sel, soff, desc, doff, sc_off, cols, imm):
                             track(fut, n)
                         await drain(window_bytes)
                 continue
             item = plan.params[i].itemsize
-            for piece in plan.pieces(i, k):
+            for piece in pieces:
                 n = piece.length * item
                 if len(piece.src) == 1:
                     s0, d0 = soff + int(piece.src[0]) * item, doff + int(piece.dst[0]) * item
@@ -221,19 +221,6 @@ async def run_source(engine: Any, plan: Plan, rank: int, src: MemoryRegion,
         if stager is not None:
             await stager.aclose()
     return UpdateStats(bytes=total, writes=int(counts.sum()), seconds=time.perf_counter() - t0)
-
-
-def _order(plan: Plan, rank: int) -> list[tuple[int, int, int]]:
-    """This rank's routes (param, route, destination), destinations rotated
-    by rank so sources start on different destinations."""
-    items = []
-    n_dst = plan.dst.ranks
-    for i, t in enumerate(plan.tables):
-        for k in np.nonzero(t.src == rank)[0]:
-            d = int(t.dst[k])
-            items.append(((d - rank) % n_dst, i, int(k), d))
-    items.sort()
-    return [(i, k, d) for _, i, k, d in items]
 
 
 async def _gather_failfast(aws: list[Any]) -> None:

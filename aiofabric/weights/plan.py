@@ -98,6 +98,7 @@ class Plan:
     _dst_off: list[dict[int, tuple[int, int]]] = field(default_factory=list, repr=False)
     _src_off: list[dict[int, int]] = field(default_factory=list, repr=False)
     _counts: np.ndarray | None = field(default=None, repr=False)
+    _cache: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)  # per parameter; tables are read-only
 
     def __post_init__(self) -> None:
         a = self.options.align
@@ -180,6 +181,12 @@ class Plan:
 
     def _shapes(self, i: int, t: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per route of parameter i: source shard lo and shape, destination shard lo and shape."""
+        hit = self._cache.get(("shapes", i))
+        if hit is None:
+            hit = self._cache["shapes", i] = self._compute_shapes(i, t)
+        return hit
+
+    def _compute_shapes(self, i: int, t: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         p = self.src.params[i]
         out = []
         for layout, ranks in ((self.src, t.src), (self.dst, t.dst)):
@@ -216,6 +223,12 @@ class Plan:
         """Per route of parameter i: ``runs``, ``run_len`` (elements),
         ``pieces`` (per run), ``writes`` (immediates delivered), ``bytes``
         (written at the destination, scales included)."""
+        hit = self._cache.get(("stats", i))
+        if hit is None:
+            hit = self._cache["stats", i] = self._route_stats(i)
+        return hit
+
+    def _route_stats(self, i: int) -> dict[str, np.ndarray]:
         t = self.tables[i]
         _slo, sshape, _dlo, dshape = self._shapes(i, t)
         d, runs, length = self._runs(i, t, sshape, dshape)
@@ -277,6 +290,23 @@ class Plan:
         if rest:
             out.append(Piece(rest, rows[:, full * per_piece:], t0 + full * piece, rest // w, w))
         return out
+
+    def source_work(self, rank: int) -> list[tuple[int, int, int, list[Piece]]]:
+        """Source ``rank``'s routes as ``(param, route, destination, pieces)``,
+        destinations rotated by rank (source s starts with destination s mod
+        n_dst, so sources do not all start on one destination).  Computed on
+        first use (tens of microseconds of NumPy per route) and kept."""
+        hit = self._cache.get(("work", rank))
+        if hit is None:
+            items = []
+            n_dst = self.dst.ranks
+            for i, t in enumerate(self.tables):
+                for k in np.nonzero(t.src == rank)[0]:
+                    d = int(t.dst[k])
+                    items.append(((d - rank) % n_dst, i, int(k), d))
+            items.sort()
+            hit = self._cache["work", rank] = [(i, k, d, self.pieces(i, k)) for _, i, k, d in items]
+        return hit
 
     def expected(self) -> np.ndarray:
         """``[n_src, n_dst]``: immediates source s delivers to destination d in one update."""

@@ -85,7 +85,7 @@ class Stager:
         codes_off = base
         scales_off = base + _up(m * piece.length)
         if self.device is None:
-            src = self.src_u16[soff:].view(np.uint16)
+            src = self.src_u16[soff:soff + (len(self.src_u16) - soff) // 2 * 2].view(np.uint16)
             quantize_runs(src, starts, piece.rows, piece.width, self.buf[codes_off:codes_off + m * piece.length],
                           self.buf[scales_off:scales_off + m * nsc * SCALE_BYTES].view(np.float32), self.block)
         else:
