@@ -151,8 +151,8 @@ class Rank:
                                  want.view(torch.uint8))
             else:
                 codes, scales = self._quantize(want, pl.options.fp8_block)
-                n, ns = codes.numel(), scales.numel()
-                ok = torch.equal(buf[off:off + n], codes) and torch.equal(buf[soff:soff + 4 * ns], scales)
+                n, ns = codes.numel(), scales.numel()  # both in bytes
+                ok = torch.equal(buf[off:off + n], codes) and torch.equal(buf[soff:soff + ns], scales)
             if not ok:
                 bad.append(p.name)
         return bad
