@@ -41,8 +41,9 @@ def experts(cfg: MoEConfig, rank: int, x: np.ndarray, scales, offsets) -> np.nda
     return (f * ((gid + 1) / 8).astype(np.float32)[:, None]).astype(np.float32)
 
 
-def check(cfg: MoEConfig, rank: int, seed: int, d, out: np.ndarray) -> str | None:
-    """None when this rank's dispatch result and combined tokens equal the reference's."""
+def check(cfg: MoEConfig, rank: int, seed: int, d, out: np.ndarray, ybf16: bool = False) -> str | None:
+    """None when this rank's dispatch result and combined tokens equal the
+    reference's (``ybf16``: the experts' outputs went through BF16)."""
     tokens, idx, w = problem(cfg, seed)
     ref = reference.dispatch(tokens, idx, cfg.num_experts, cfg.ranks, mode=cfg.mode)
     mine = ref[rank]
@@ -63,6 +64,8 @@ def check(cfg: MoEConfig, rank: int, seed: int, d, out: np.ndarray) -> str | Non
         if cfg.mode == "fp8" and scs is None:
             scs = np.zeros((0, cfg.hidden // 128), np.float32)
         y = experts(cfg, r, xs, scs, offs)
+        if ybf16:
+            y = reference.f32_to_bf16(y)
         ys.append([y[offs[e]:offs[e + 1]] for e in range(cfg.experts_per_rank)])
     want = reference.combine(ys, idx, w, cfg.num_experts, cfg.ranks, combine_dtype=cfg.combine_dtype)[rank]
     if out.dtype != want.dtype or not np.array_equal(out, want):

@@ -221,8 +221,13 @@ class ExpertParallel:
         tokens = layout.check_tokens("tokens", tokens, c.hidden, c.max_tokens)
         idx = layout.check_routing("topk_idx", topk_idx, c.num_experts, len(tokens), c.topk)
         w = layout.check_weights("topk_weights", topk_weights, idx.shape)
+        return self._dispatch_body(layout.payload(c, tokens), idx, w)
+
+    def _dispatch_body(self, body: np.ndarray, idx: np.ndarray, w: np.ndarray) -> asyncio.Future[Any]:
+        """dispatch_send with the payload already encoded (``[T, payload +
+        scales]`` bytes, e.g. packed on a GPU) and checked routing."""
+        c = self.config
         rt = layout.route(c, idx)
-        body = layout.payload(c, tokens)
         seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
         metas, rows = [], []
         for r in range(c.ranks):

@@ -1,0 +1,487 @@
+"""MoE dispatch/combine on GPUs.
+
+``GpuExpertParallel`` is the intra-host path: one rank per GPU (one process
+each, or several GPUs in one process), every rank's inbox is one device
+allocation whose CUDA IPC handle the others map; kernels (moe/kernels.py)
+write tokens straight into the peers' inboxes over NVLink and signal with
+flags that the receiving kernel spins on.  No host round trip on the
+critical path: the API is stream-ordered (calls enqueue work and return;
+``synchronize()`` reports a peer that did not signal within ``timeout``).
+
+``FabricGpuExpertParallel`` is the GPU-over-fabric path ("separate hosts"
+that talk only through the engine): tokens are packed (FP8-quantised) on the
+GPU, copied to host memory, and travel with :class:`~aiofabric.moe.ExpertParallel`'s
+protocol; results are copied back to the GPU.
+
+Both produce exactly what reference.py defines.  CuPy is needed only when a
+GPU object is made: this module imports without it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Sequence
+
+import msgpack
+import numpy as np
+
+from ..errors import BrokenResourceError, ClosedResourceError, ProtocolError, UnavailableError
+from . import layout
+from .host import Dispatched, ExpertParallel, wait_all
+from .kernels import MODE, NAMES, SOURCE
+from .layout import MoEConfig
+
+__all__ = ["GpuExpertParallel", "GpuDispatched", "FabricGpuExpertParallel", "CudaBackend", "SIGNATURES"]
+
+_VERSION = 1
+#: kernel parameter types: p pointer, i int32, q int64, u uint32, Q uint64
+SIGNATURES = {
+    "moe_route": "piiiiippppp",
+    "moe_pack": "piiiipq",
+    "moe_dispatch_send": "pqpppppppiiiiiuqqqqqqip",
+    "moe_dispatch_recv": "piiiuqqqqqqqqippppqQp",
+    "moe_combine_send": "ppiqipiiiiuqqqqqqiip",
+    "moe_combine_recv": "ppiiiuqqiipQp",
+}
+_NP = {"p": np.uint64, "i": np.int32, "q": np.int64, "u": np.uint32, "Q": np.uint64}
+THREADS = 256
+
+
+def kernel_args(name: str, values: Sequence[Any]) -> tuple[Any, ...]:
+    """``values`` as the numpy scalars the kernel's parameters take (a
+    mismatch would silently shift every later parameter)."""
+    sig = SIGNATURES[name]
+    if len(sig) != len(values):
+        raise AssertionError(f"{name} takes {len(sig)} parameters, got {len(values)}")
+    return tuple(_NP[c](int(v)) for c, v in zip(sig, values))
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise UnavailableError("GPU MoE needs CuPy: pip install 'aiofabric[gpu]'") from None
+    return cupy
+
+
+class CudaBackend:
+    """The real device: CuPy arrays, NVRTC-compiled kernels, one
+    non-blocking stream, CUDA IPC for peers in other processes."""
+
+    def __init__(self, device: int) -> None:
+        cp = self.xp = _cupy()
+        self.device = device
+        self.pid = os.getpid()
+        with cp.cuda.Device(device):
+            mod = cp.RawModule(code=SOURCE)
+            self._k = {n: mod.get_function(n) for n in NAMES}  # compiled and loaded now, not mid-round
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
+            self._ev_out = cp.cuda.Event(block=False, disable_timing=True)
+        self._mapped: list[int] = []
+
+    def ctx(self) -> Any:
+        return self.xp.cuda.Device(self.device)
+
+    def is_array(self, a: Any) -> bool:
+        return isinstance(a, self.xp.ndarray)
+
+    def on_device(self, a: Any) -> bool:
+        return int(a.device.id) == self.device
+
+    def zeros(self, shape: Any, dtype: Any) -> Any:
+        with self.ctx():
+            return self.xp.zeros(shape, dtype)
+
+    def ptr(self, a: Any) -> int:
+        return int(a.data.ptr)
+
+    def launch(self, name: str, grid: tuple[int, ...], block: int, values: Sequence[Any], shared: int = 0) -> None:
+        with self.ctx():
+            self._k[name](grid, (block,), kernel_args(name, values), shared_mem=shared, stream=self.stream)
+
+    def begin(self) -> None:
+        """Our stream waits for the work the caller queued on its current stream."""
+        with self.ctx():
+            self._ev_in.record(self.xp.cuda.get_current_stream())
+            self.stream.wait_event(self._ev_in)
+
+    def end(self) -> None:
+        """The caller's current stream waits for our work."""
+        with self.ctx():
+            self._ev_out.record(self.stream)
+            self.xp.cuda.get_current_stream().wait_event(self._ev_out)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def to_host(self, a: Any) -> np.ndarray:
+        with self.ctx():
+            return self.xp.asnumpy(a, stream=self.stream) if a.size else np.zeros(a.shape, a.dtype)
+
+    def to_device(self, a: np.ndarray) -> Any:
+        with self.ctx():
+            out = self.xp.empty(a.shape, a.dtype)
+            out.set(a, stream=self.stream)
+            return out
+
+    def put(self, dst: Any, a: np.ndarray) -> None:
+        """Copy host ``a`` into device ``dst`` and wait for it."""
+        with self.ctx():
+            dst.set(a)
+            self.xp.cuda.Device(self.device).synchronize()
+
+    def handle(self, a: Any) -> dict[str, Any]:
+        from .. import gpu as afgpu
+
+        buf = afgpu.cuda_buffer(a)
+        assert buf is not None
+        h = afgpu.gpu_handle(buf)
+        return {"device": self.device, "ipc": h.ipc, "base": h.base, "ptr": buf.ptr}
+
+    def map_peer(self, info: dict[str, Any]) -> int:
+        rt = self.xp.cuda.runtime
+        with self.ctx():
+            if info["pid"] == self.pid:
+                peer = int(info["device"])
+                if peer != self.device:
+                    if not rt.deviceCanAccessPeer(self.device, peer):
+                        raise UnavailableError(f"GPU {self.device} cannot access GPU {peer} (no P2P/NVLink)")
+                    try:
+                        rt.deviceEnablePeerAccess(peer)
+                    except rt.CUDARuntimeError as e:
+                        if "PeerAccessAlreadyEnabled" not in str(e):
+                            raise
+                return int(info["ptr"])
+            base = int(rt.ipcOpenMemHandle(bytes(info["ipc"])))
+            self._mapped.append(base)
+            return base + int(info["ptr"]) - int(info["base"])
+
+    def close(self) -> None:
+        rt = self.xp.cuda.runtime
+        self.stream.synchronize()
+        with self.ctx():
+            for base in self._mapped:
+                try:
+                    rt.ipcCloseMemHandle(base)
+                except rt.CUDARuntimeError:
+                    pass
+        self._mapped.clear()
+
+
+class GpuDispatched(NamedTuple):
+    """What a rank received (device arrays, reused by the next round):
+    expert ``e``'s tokens are ``x[e, :counts[e]]`` in source rank, then token
+    order; rows past the count hold stale data."""
+
+    x: Any          #: [E/ranks, capacity, H] uint16 (BF16) / uint8 (FP8) / float32
+    scales: Any     #: [E/ranks, capacity, H/128] float32 (FP8) or None
+    src: Any        #: [E/ranks, capacity, 2] int32: (source rank, token index)
+    counts: Any     #: [E/ranks] int32
+
+
+class GpuExpertParallel:
+    """One rank of an intra-host expert-parallel group, on GPU ``device``
+    (default: ``rank``).
+
+    ``timeout``: seconds a receiving kernel spins for a peer's flag before it
+    gives up (then :meth:`synchronize` raises BrokenResourceError).
+    ``validate``: check ``topk_idx`` on the host (a device-to-host copy and a
+    sync per dispatch; pass False on the hot path: out-of-range ids are then
+    treated as masked, duplicate ids are not detected).  ``engine`` is used
+    only by :meth:`join` (it may be None with :meth:`connect`).
+    """
+
+    def __init__(self, engine: Any, rank: int, config: MoEConfig, device: int | None = None, *,
+                 timeout: float = 10.0, validate: bool = True, threads: int = THREADS,
+                 backend: Any = None) -> None:
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, not {type(config).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < config.ranks:
+            raise ValueError(f"rank must be an int in [0, {config.ranks}), got {rank!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if config.topk > 64:
+            raise ValueError("topk must be <= 64 on the GPU path")
+        self.engine = engine
+        self.rank = rank
+        self.config = c = config
+        self.timeout = float(timeout)
+        self.validate = bool(validate)
+        self._threads = int(threads)
+        b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
+        u8, i32 = np.uint8, np.int32
+        mt, k, ranks, epr = c.max_tokens, c.topk, c.ranks, c.experts_per_rank
+        self._body_pad = c.row_bytes - c.header_bytes
+        self.inbox = b.zeros(c.inbox_bytes, u8)
+        self._idx32 = b.zeros(max(1, mt * k), i32)
+        self._pos = b.zeros(max(1, mt * k), i32)
+        self._rowidx = b.zeros(max(1, mt * ranks), i32)
+        self._nrows = b.zeros(ranks, i32)
+        self._counts = b.zeros(c.num_experts, i32)
+        self._packed = b.zeros((mt, self._body_pad), u8)
+        self._done_d = b.zeros(ranks, np.uint32)
+        self._done_c = b.zeros(ranks, np.uint32)
+        self._err = b.zeros(1, i32)
+        self._peers = b.zeros(ranks, np.uint64)
+        xdt = {"bf16": np.uint16, "fp8": np.uint8, "float32": np.float32}[c.mode]
+        cdt = np.uint16 if c.combine_dtype == "bf16" else np.float32
+        self.x = b.zeros((epr, c.capacity, c.hidden), xdt)
+        g = c.hidden // 128
+        self.scales = b.zeros((epr, c.capacity, g), np.float32) if c.mode == "fp8" else None
+        self._sdummy = b.zeros(1, np.float32)
+        self.src = b.zeros((epr, c.capacity, 2), i32)
+        self.counts = b.zeros(epr, i32)
+        self.out = b.zeros((mt, c.hidden), cdt)
+        self._connected = False
+        self._seq = 0
+        self._state = "idle"
+        self._t = 0
+        self._closed = False
+
+    # -- connecting -----------------------------------------------------------------
+
+    def info(self) -> bytes:
+        from ..liveness import host_identity
+
+        h = self._b.handle(self.inbox)
+        return msgpack.packb({"t": "moe-gpu", "v": _VERSION, "rank": self.rank, "config": self.config.to_dict(),
+                              "host": host_identity(), "pid": os.getpid(), **h}, use_bin_type=True)
+
+    def connect(self, infos: Sequence[bytes]) -> None:
+        """Map every rank's inbox (index = rank).  Raises ProtocolError for a
+        blob of another group, UnavailableError for a rank on another host or
+        a GPU pair without peer access."""
+        from ..liveness import host_identity
+
+        infos = list(infos)
+        if len(infos) != self.config.ranks:
+            raise ValueError(f"infos needs one blob per rank ({self.config.ranks}), got {len(infos)}")
+        ptrs = []
+        for r, blob in enumerate(infos):
+            try:
+                d = msgpack.unpackb(bytes(blob), raw=False)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is a protocol error
+                raise ProtocolError(f"infos[{r}] is not a GPU MoE info blob: {e}") from None
+            if not isinstance(d, dict) or d.get("t") != "moe-gpu" or d.get("v") != _VERSION:
+                raise ProtocolError(f"infos[{r}] is not a GPU MoE info blob (version {_VERSION})")
+            if d.get("rank") != r or d.get("config") != self.config.to_dict():
+                raise ProtocolError(f"infos[{r}] describes rank {d.get('rank')} of another group")
+            if d.get("host") != host_identity():
+                raise UnavailableError(f"rank {r} runs on another host: use FabricGpuExpertParallel")
+            ptrs.append(self._b.ptr(self.inbox) if r == self.rank else self._b.map_peer(d))
+        self._b.put(self._peers, np.array(ptrs, np.uint64))
+        self._connected = True
+
+    async def join(self, peers: Sequence[Any]) -> None:
+        """Exchange :meth:`info` over the engine's messages and connect
+        (``peers[r]``: rank r's engine address)."""
+        peers = list(peers)
+        if self.engine is None:
+            raise ValueError("join() needs an engine (or use connect())")
+        if len(peers) != self.config.ranks:
+            raise ValueError(f"peers needs one address per rank ({self.config.ranks}), got {len(peers)}")
+        blob = self.info()
+        sends = [self.engine.send(p, blob) for r, p in enumerate(peers) if r != self.rank]
+
+        async def get(p: Any) -> bytes:
+            return (await self.engine.recv(peer=p)).data
+
+        got = list(await wait_all([get(p) for r, p in enumerate(peers) if r != self.rank]))
+        await wait_all(sends)
+        got.insert(self.rank, blob)
+        self.connect(got)
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def _turn(self, want: str, what: str) -> None:
+        if self._closed:
+            raise ClosedResourceError("GpuExpertParallel is closed")
+        if not self._connected:
+            raise RuntimeError("connect() or join() first")
+        if self._state != want:
+            raise RuntimeError(f"{what} out of turn: a round is dispatch_send, dispatch_recv, combine_send, "
+                               f"combine_recv (state: {self._state})")
+
+    def _array(self, name: str, a: Any, dtypes: tuple[Any, ...], shape: tuple[int, ...] | None = None) -> None:
+        if not self._b.is_array(a):
+            raise TypeError(f"{name} must be a {self._b.xp.__name__} array, not {type(a).__name__}")
+        if a.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype {' or '.join(str(np.dtype(d)) for d in dtypes)}, not {a.dtype}")
+        if shape is not None and tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(a.shape)}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if not self._b.on_device(a):
+            raise ValueError(f"{name} is on another device than GPU {self._b.device}")
+
+    def dispatch_send(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
+        """Enqueue routing, packing and the writes into every peer's inbox.
+        ``x`` ``[T, H]`` uint16 (BF16 bits) or float32, ``topk_idx`` ``[T, k]``
+        int32/int64 (-1 masked), ``topk_weights`` ``[T, k]`` float32, all on
+        this rank's GPU.  Raises TypeError/ValueError naming the argument."""
+        self._turn("idle", "dispatch_send")
+        c = self.config
+        self._array("x", x, (np.uint16, np.float32))
+        if x.ndim != 2 or x.shape[1] != c.hidden or x.shape[0] > c.max_tokens:
+            raise ValueError(f"x must be [T <= {c.max_tokens}, {c.hidden}], got {tuple(x.shape)}")
+        t = int(x.shape[0])
+        self._array("topk_idx", topk_idx, (np.int32, np.int64), (t, c.topk))
+        self._array("topk_weights", topk_weights, (np.float32,), (t, c.topk))
+        if self.validate:
+            layout.check_routing("topk_idx", self._b.to_host(topk_idx), c.num_experts, t, c.topk)
+        b = self._b
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        self._t = t
+        b.begin()
+        p = b.ptr
+        b.launch("moe_route", (1,), max(32, min(1024, c.ranks)),
+                 (p(topk_idx), topk_idx.dtype == np.int64, t, c.topk, c.experts_per_rank, c.ranks, p(self._idx32),
+                  p(self._pos), p(self._rowidx), p(self._nrows), p(self._counts)), shared=4 * c.num_experts)
+        if t:
+            b.launch("moe_pack", (t,), 128, (p(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
+                                             p(self._packed), self._body_pad))
+        b.launch("moe_dispatch_send", (c.ranks, max(1, min(t, 32))), self._threads,
+                 (p(self._packed), self._body_pad, p(self._idx32), p(topk_weights), p(self._pos), p(self._rowidx),
+                  p(self._nrows), p(self._counts), p(self._peers), self.rank, c.ranks, t, c.topk,
+                  c.experts_per_rank, seq, c.dflag_offset, c.meta_offset, c.meta_bytes, c.drows_offset,
+                  c.row_bytes, c.header_bytes, c.max_tokens, p(self._done_d)))
+        self._keep = (x, topk_idx, topk_weights)  # alive until the kernels have read them
+        self._state = "dispatching"
+
+    def dispatch_recv(self) -> GpuDispatched:
+        """Enqueue the receiving kernel (it spins until every rank's tokens
+        are in) and make the caller's current stream wait for it.  The
+        returned arrays are this object's and are rewritten next round."""
+        self._turn("dispatching", "dispatch_recv")
+        c, b, p = self.config, self._b, self._b.ptr
+        b.launch("moe_dispatch_recv", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+                 (p(self.inbox), c.ranks, c.topk, c.experts_per_rank, self._seq, c.dflag_offset, c.meta_offset,
+                  c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes, c.payload_bytes, c.scale_bytes,
+                  c.max_tokens, p(self.x), p(self.scales if self.scales is not None else self._sdummy), p(self.src),
+                  p(self.counts), c.capacity, int(self.timeout * 1e9), p(self._err)),
+                 shared=4 * c.experts_per_rank)
+        b.end()
+        self._state = "dispatched"
+        return GpuDispatched(self.x, self.scales, self.src, self.counts)
+
+    def combine_send(self, y: Any) -> None:
+        """Enqueue the weighted reduction over this rank's experts and the
+        writes of the partial sums back to each source.  ``y`` is
+        ``[E/ranks, capacity, H]`` (uint16 BF16 bits or float32), row ``i``
+        of expert ``e`` the output for ``x[e, i]``."""
+        self._turn("dispatched", "combine_send")
+        c, b, p = self.config, self._b, self._b.ptr
+        self._array("y", y, (np.uint16, np.float32), (c.experts_per_rank, c.capacity, c.hidden))
+        b.begin()
+        b.launch("moe_combine_send", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+                 (p(self.inbox), p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank,
+                  c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, c.meta_offset, c.meta_bytes,
+                  c.drows_offset, c.row_bytes, c.crows_offset, c.max_tokens, c.combine_dtype == "bf16",
+                  p(self._done_c)), shared=4 * (c.experts_per_rank + 3 * c.topk))
+        self._keep = (y,)
+        self._state = "combining"
+
+    def combine_recv(self) -> Any:
+        """Enqueue the kernel that waits for every rank's partial sums and
+        adds them up; returns ``[T, H]`` (a view of a reused buffer) that the
+        caller's current stream may use."""
+        self._turn("combining", "combine_recv")
+        c, b, p = self.config, self._b, self._b.ptr
+        t = self._t
+        b.launch("moe_combine_recv", (max(1, min(t, 128)),), self._threads,
+                 (p(self.inbox), p(self._rowidx), t, c.hidden, c.ranks, self._seq, c.cflag_offset, c.crows_offset,
+                  c.max_tokens, c.combine_dtype == "bf16", p(self.out), int(self.timeout * 1e9), p(self._err)))
+        b.end()
+        self._state = "idle"
+        return self.out[:t]
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued work; raise BrokenResourceError if a
+        receiving kernel gave up waiting for a rank (the group is then
+        unusable), ProtocolError if a peer sent inconsistent rows."""
+        self._b.synchronize()
+        err = int(self._b.to_host(self._err)[0])
+        if err:
+            self._state = "broken"
+            if err < 0:
+                raise ProtocolError("a rank sent rows whose positions exceed the receive capacity")
+            raise BrokenResourceError(f"rank {err - 1} did not signal within timeout={self.timeout:g} s")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._b.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"<GpuExpertParallel rank {self.rank}/{c.ranks} experts {c.num_experts} {c.mode} {self._state}>"
+
+
+class FabricGpuExpertParallel:
+    """GPU ranks that talk only through the engine (the inter-host path on
+    GPUs): pack (and FP8-quantise) on the GPU, copy the packed tokens to host
+    memory, send with :class:`ExpertParallel`'s protocol, copy results back.
+    The simplest correct version: each send half synchronises the GPU."""
+
+    def __init__(self, engine: Any, rank: int, config: MoEConfig, device: int | None = None, *,
+                 backend: Any = None) -> None:
+        self.host = ExpertParallel(engine, rank, config)
+        self.config = config
+        self.rank = rank
+        b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
+        self._body_pad = config.row_bytes - config.header_bytes
+        self._packed = b.zeros((config.max_tokens, self._body_pad), np.uint8)
+
+    def info(self) -> bytes:
+        return self.host.info()
+
+    def connect(self, infos: Sequence[bytes]) -> None:
+        self.host.connect(infos)
+
+    async def join(self, peers: Sequence[Any]) -> None:
+        await self.host.join(peers)
+
+    def dispatch_send(self, x: Any, topk_idx: Any, topk_weights: Any) -> Any:
+        c, b = self.config, self._b
+        if not b.is_array(x) or x.dtype not in (np.uint16, np.float32) or x.ndim != 2 or x.shape[1] != c.hidden:
+            raise TypeError(f"x must be a [T, {c.hidden}] uint16/float32 {b.xp.__name__} array")
+        if x.shape[0] > c.max_tokens:
+            raise ValueError(f"x has {x.shape[0]} tokens, more than max_tokens={c.max_tokens}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be C-contiguous")
+        t = int(x.shape[0])
+        self.host._check_state("idle", "dispatch_send")
+        idx = layout.check_routing("topk_idx", b.to_host(topk_idx), c.num_experts, t, c.topk)
+        w = layout.check_weights("topk_weights", b.to_host(topk_weights), idx.shape)
+        if t:
+            b.begin()
+            b.launch("moe_pack", (t,), 128, (b.ptr(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
+                                             b.ptr(self._packed), self._body_pad))
+        body = b.to_host(self._packed[:t])[:, :c.payload_bytes + c.scale_bytes]
+        b.synchronize()
+        return self.host._dispatch_body(np.ascontiguousarray(body), idx, w)
+
+    async def dispatch_recv(self) -> Dispatched:
+        """Like ExpertParallel.dispatch_recv, with x/scales/src as device arrays."""
+        d = await self.host.dispatch_recv()
+        b = self._b
+        out = Dispatched(b.to_device(d.x), None if d.scales is None else b.to_device(d.scales),
+                         b.to_device(d.src_rank), b.to_device(d.src_token), d.counts, d.offsets)
+        b.synchronize()
+        return out
+
+    def combine_send(self, expert_out: Any) -> Any:
+        """``expert_out`` ``[N, H]`` device array in Dispatched order."""
+        y = self._b.to_host(expert_out)
+        self._b.synchronize()
+        return self.host.combine_send(y)
+
+    async def combine_recv(self) -> Any:
+        out = await self.host.combine_recv()
+        d = self._b.to_device(out)
+        self._b.synchronize()
+        return d
+
+    def close(self) -> None:
+        self.host.close()
+        self._b.close()
