@@ -38,8 +38,8 @@ SIGNATURES = {
     "moe_route": "piiiiippppp",
     "moe_pack": "piiiipq",
     "moe_dispatch_send": "pqpppppppiiiiiuqqqqqqip",
-    "moe_dispatch_recv": "piiiuqqqqqqqqippppqQp",
-    "moe_combine_send": "ppiqipiiiiuqqqqqqiip",
+    "moe_dispatch_recv": "piiiuqqqqqqqqippppppqQp",
+    "moe_combine_send": "ppiqipiiiiuqppqqqiip",
     "moe_combine_recv": "ppiiiuqqiipQp",
 }
 _NP = {"p": np.uint64, "i": np.int32, "q": np.int64, "u": np.uint32, "Q": np.uint64}
@@ -73,7 +73,9 @@ class CudaBackend:
         self.pid = os.getpid()
         with cp.cuda.Device(device):
             mod = cp.RawModule(code=SOURCE)
-            self._k = {n: mod.get_function(n) for n in NAMES}  # compiled and loaded now, not mid-round
+            self._k = {n: mod.get_function(n) for n in NAMES}
+            for k in self._k.values():
+                _ = k.kernel  # compile and load for this device now, not in the middle of a round
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
             self._ev_out = cp.cuda.Event(block=False, disable_timing=True)
@@ -115,8 +117,11 @@ class CudaBackend:
         self.stream.synchronize()
 
     def to_host(self, a: Any) -> np.ndarray:
+        """A host copy of ``a`` once our stream's work is done (the copy runs
+        on the caller's current stream, where inputs were made)."""
+        self.stream.synchronize()
         with self.ctx():
-            return self.xp.asnumpy(a, stream=self.stream) if a.size else np.zeros(a.shape, a.dtype)
+            return self.xp.asnumpy(a) if a.size else np.zeros(a.shape, a.dtype)
 
     def to_device(self, a: np.ndarray) -> Any:
         with self.ctx():
@@ -222,6 +227,8 @@ class GpuExpertParallel:
         self._done_d = b.zeros(ranks, np.uint32)
         self._done_c = b.zeros(ranks, np.uint32)
         self._err = b.zeros(1, i32)
+        self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
+        self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
         self._peers = b.zeros(ranks, np.uint64)
         xdt = {"bf16": np.uint16, "fp8": np.uint8, "float32": np.float32}[c.mode]
         cdt = np.uint16 if c.combine_dtype == "bf16" else np.float32
@@ -358,7 +365,7 @@ class GpuExpertParallel:
                  (p(self.inbox), c.ranks, c.topk, c.experts_per_rank, self._seq, c.dflag_offset, c.meta_offset,
                   c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes, c.payload_bytes, c.scale_bytes,
                   c.max_tokens, p(self.x), p(self.scales if self.scales is not None else self._sdummy), p(self.src),
-                  p(self.counts), c.capacity, int(self.timeout * 1e9), p(self._err)),
+                  p(self.counts), p(self._offs), p(self._nrecv), c.capacity, int(self.timeout * 1e9), p(self._err)),
                  shared=4 * c.experts_per_rank)
         b.end()
         self._state = "dispatched"
@@ -375,7 +382,7 @@ class GpuExpertParallel:
         b.begin()
         b.launch("moe_combine_send", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
                  (p(self.inbox), p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank,
-                  c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, c.meta_offset, c.meta_bytes,
+                  c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, p(self._offs), p(self._nrecv),
                   c.drows_offset, c.row_bytes, c.crows_offset, c.max_tokens, c.combine_dtype == "bf16",
                   p(self._done_c)), shared=4 * (c.experts_per_rank + 3 * c.topk))
         self._keep = (y,)

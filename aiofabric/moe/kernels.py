@@ -248,7 +248,7 @@ extern "C" __global__ void moe_dispatch_recv(
     const u8* inbox, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
     long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes,
     long long payload_bytes, long long scale_bytes, int max_tokens, u8* xout, float* sout, int* src_out,
-    int* counts_out, long long cap, u64 timeout_ns, int* err)
+    int* counts_out, int* offs_out, int* nrecv_out, long long cap, u64 timeout_ns, int* err)
 {
     DYN_SHARED(int, off);  /* epr */
     __shared__ int ok;
@@ -264,11 +264,15 @@ extern "C" __global__ void moe_dispatch_recv(
         for (int q = 0; q < s; ++q)
             o += ((const int*)(meta + q * meta_bytes))[2 + e];
         off[e] = o;
+        if (blockIdx.y == 0)
+            offs_out[s * epr + e] = o;  /* kept for combine: the inbox's meta is rewritten next round */
         if (s == ranks - 1 && blockIdx.y == 0)
             counts_out[e] = o + ((const int*)(meta + s * meta_bytes))[2 + e];
     }
     __syncthreads();
     const int n = (int)((const u32*)(meta + s * meta_bytes))[1];
+    if (threadIdx.x == 0 && blockIdx.y == 0)
+        nrecv_out[s] = n;
     const long long pv = payload_bytes / 16;
     const int G = (int)(scale_bytes / 4);
     for (int i = blockIdx.y; i < n && i < max_tokens; i += gridDim.y) {
@@ -302,7 +306,7 @@ extern "C" __global__ void moe_dispatch_recv(
 
 extern "C" __global__ void moe_combine_send(
     const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
-    int k, int epr, u32 seq, long long cflag_off, long long meta_off, long long meta_bytes, long long drows_off,
+    int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
     long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
 {
     DYN_SHARED(int, sh);  /* off[epr], e[k], p[k], w[k] */
@@ -311,14 +315,11 @@ extern "C" __global__ void moe_combine_send(
     int* sp = se + k;
     float* sw = (float*)(sp + k);
     const int s = blockIdx.x;
-    const u8* meta = inbox + meta_off;
-    for (int e = threadIdx.x; e < epr; e += blockDim.x) {
-        int o = 0;
-        for (int q = 0; q < s; ++q)
-            o += ((const int*)(meta + q * meta_bytes))[2 + e];
-        off[e] = o;
-    }
-    const int n = (int)((const u32*)(meta + s * meta_bytes))[1];
+    /* offsets and row counts as dispatch_recv saw them: a source that has
+     * finished this round may already be rewriting its meta in our inbox */
+    for (int e = threadIdx.x; e < epr; e += blockDim.x)
+        off[e] = offs[s * epr + e];
+    const int n = nrecv[s];
     const long long esz = out_bf16 ? 2 : 4;
     u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
     __syncthreads();
