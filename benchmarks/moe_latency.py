@@ -175,34 +175,40 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
             cs, cr = torch.empty(sum(c_in), dtype=torch.bfloat16, device=dev), torch.empty(sum(c_out),
                                                                                           dtype=torch.bfloat16,
                                                                                           device=dev)
-            ts = torch.cuda.current_stream(dev)
-            gs = cp.cuda.ExternalStream(ts.cuda_stream, rank)
+            ts = torch.cuda.Stream(device=dev)  # NCCL's calls and their gate run on this stream
+            try:
+                gs = cp.cuda.ExternalStream(ts.cuda_stream, rank)
+            except TypeError:  # a CuPy whose ExternalStream takes the pointer only
+                gs = cp.cuda.ExternalStream(ts.cuda_stream)
             tev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             nd, nc = [], []
-            for it in range(warmup + iters):
-                step += 2
-                gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=gs)
-                tev[0].record(ts)
+            with torch.cuda.stream(ts):  # connect NCCL's peers outside the gated loop
                 dist.all_to_all_single(dr, ds, d_out, d_in)
-                tev[1].record(ts)
-                gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=gs)
-                tev[2].record(ts)
                 dist.all_to_all_single(cr, cs, c_out, c_in)
-                tev[3].record(ts)
-                sync_point(step - 1)
-                tev[1].synchronize()
-                sync_point(step)
-                tev[3].synchronize()
-                if it >= warmup:
-                    nd.append(tev[0].elapsed_time(tev[1]) * 1e3)
-                    nc.append(tev[2].elapsed_time(tev[3]) * 1e3)
+            torch.cuda.synchronize(dev)
+            with torch.cuda.stream(ts):
+                for it in range(warmup + iters):
+                    step += 2
+                    gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=gs)
+                    tev[0].record(ts)
+                    dist.all_to_all_single(dr, ds, d_out, d_in)
+                    tev[1].record(ts)
+                    gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=gs)
+                    tev[2].record(ts)
+                    dist.all_to_all_single(cr, cs, c_out, c_in)
+                    tev[3].record(ts)
+                    sync_point(step - 1)
+                    tev[1].synchronize()
+                    sync_point(step)
+                    tev[3].synchronize()
+                    if it >= warmup:
+                        nd.append(tev[0].elapsed_time(tev[1]) * 1e3)
+                        nc.append(tev[2].elapsed_time(tev[3]) * 1e3)
             res.update({"nccl_dispatch_us": nd, "nccl_combine_us": nc,
                         "rows_sent": [int(v) for v in rows[rank]]})
         out[tokens] = res
     moe.close()
-    rt.hostUnregister(fptr)
-    del flags
-    mm.close()
+    rt.hostUnregister(fptr)  # the mapping itself goes with the process
     os.close(fd)
     if dist is not None:
         dist.destroy_process_group()

@@ -187,6 +187,9 @@ class EmuBackend:
     def to_device(self, a: np.ndarray) -> np.ndarray:
         return np.array(a, copy=True)
 
+    def settle(self) -> None:
+        pass
+
     def put(self, dst: np.ndarray, a: np.ndarray) -> None:
         dst[...] = a
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import os
 
 import numpy as np
 import pytest

@@ -111,7 +111,7 @@ def test_bf16_round_to_nearest_even():
 @SETTINGS
 @given(problems())
 def test_dispatch_counts_order_and_dedup(p):
-    ranks, e, k, hidden, mode, tokens, idx, w = p
+    ranks, e, _, hidden, mode, tokens, idx, _ = p
     epr = e // ranks
     got = reference.dispatch(tokens, idx, e, ranks, mode=mode)
     assert len(got) == ranks
@@ -136,7 +136,7 @@ def test_dispatch_counts_order_and_dedup(p):
 @SETTINGS
 @given(problems())
 def test_identity_experts_combine_to_weighted_sum(p):
-    ranks, e, k, hidden, mode, tokens, idx, w = p
+    ranks, e, _, hidden, mode, tokens, idx, w = p
     got = reference.dispatch(tokens, idx, e, ranks, mode=mode)
     ys = [[reference.decode_tokens(rd.x[le], None if rd.scales is None else rd.scales[le], mode)
            for le in range(e // ranks)] for rd in got]

@@ -75,7 +75,10 @@ class CudaBackend:
             mod = cp.RawModule(code=SOURCE)
             self._k = {n: mod.get_function(n) for n in NAMES}
             for k in self._k.values():
-                _ = k.kernel  # compile and load for this device now, not in the middle of a round
+                try:
+                    _ = k.kernel  # compile and load for this device now, not in the middle of a round
+                except AttributeError:  # a CuPy without the property compiles at the first launch
+                    break
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
             self._ev_out = cp.cuda.Event(block=False, disable_timing=True)
@@ -128,6 +131,11 @@ class CudaBackend:
             out = self.xp.empty(a.shape, a.dtype)
             out.set(a, stream=self.stream)
             return out
+
+    def settle(self) -> None:
+        """Wait for everything queued on the device (e.g. the zeroing of new buffers)."""
+        with self.ctx():
+            self.xp.cuda.Device(self.device).synchronize()
 
     def put(self, dst: Any, a: np.ndarray) -> None:
         """Copy host ``a`` into device ``dst`` and wait for it."""
@@ -239,6 +247,7 @@ class GpuExpertParallel:
         self.src = b.zeros((epr, c.capacity, 2), i32)
         self.counts = b.zeros(epr, i32)
         self.out = b.zeros((mt, c.hidden), cdt)
+        b.settle()  # the inbox is zeroed before any peer can learn where it is
         self._connected = False
         self._seq = 0
         self._state = "idle"
