@@ -67,6 +67,11 @@ class Dispatched(NamedTuple):
                 self.src_token[a:b])
 
 
+def _retrieve(f: asyncio.Future[Any]) -> None:
+    if not f.cancelled():
+        f.exception()  # retrieved: an abandoned round's failure is not logged as unhandled
+
+
 async def wait_all(aws: Sequence[Awaitable[Any]]) -> list[Any]:
     """Await all; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(a) for a in aws]
@@ -245,11 +250,17 @@ class ExpertParallel:
                 so = self._o[0] + r * c.max_tokens * c.row_bytes
                 do = c.drows_offset + self.rank * c.max_tokens * c.row_bytes
                 rows.append((self._out_region[so:so + n * c.row_bytes], d[do:do + n * c.row_bytes]))
-        futs = []
-        if metas:
-            futs.append(self.engine.scatter(metas, imm=self._imm(META, self.rank)))
-        if rows:
-            futs.append(self.engine.scatter(rows, imm=self._imm(ROWS, self.rank)))
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            if metas:
+                futs.append(self.engine.scatter(metas, imm=self._imm(META, self.rank)))
+            if rows:
+                futs.append(self.engine.scatter(rows, imm=self._imm(ROWS, self.rank)))
+        except BaseException:
+            self._state = "broken"  # part of the round may be out: the group cannot go on
+            for f in futs:
+                f.add_done_callback(_retrieve)
+            raise
         self._send = asyncio.gather(*futs)
         self._routing = rt
         self._state = "dispatching"
@@ -355,7 +366,11 @@ class ExpertParallel:
             so = self._o[1] + s * c.max_tokens * c.crow_bytes
             do = c.crows_offset + self.rank * c.max_tokens * c.crow_bytes
             pairs.append((self._out_region[so:so + n * c.crow_bytes], self._descs[s][do:do + n * c.crow_bytes]))
-        self._send = self.engine.scatter(pairs, imm=self._imm(COMBINE, self.rank)) if pairs else None
+        try:
+            self._send = self.engine.scatter(pairs, imm=self._imm(COMBINE, self.rank)) if pairs else None
+        except BaseException:
+            self._state = "broken"
+            raise
         if self._send is None:
             self._send = asyncio.get_running_loop().create_future()
             self._send.set_result([])
