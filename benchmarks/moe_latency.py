@@ -83,7 +83,6 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
 
     from aiofabric.moe import MoEConfig
     from aiofabric.moe.gpu import GpuExpertParallel
-    from aiofabric.moe.layout import route
 
     dist = None
     if nccl:
@@ -135,7 +134,6 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     ev = [cp.cuda.Event() for _ in range(4)]
     step = int(flags[8 + rank])  # phases continue across configs
     out: dict = {}
-    body = cfg.payload_bytes + cfg.scale_bytes
     for tokens in tokens_list:
         x_h, idx_h, w_h = _problem(ep, tokens, rank)
         x, idx, w = cp.asarray(x_h), cp.asarray(idx_h[rank]), cp.asarray(w_h)
@@ -162,50 +160,12 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
         moe.synchronize()
         res = {"aiofabric_dispatch_us": ours_d, "aiofabric_combine_us": ours_c}
         if nccl:
-            import torch
-
-            rows = np.array([route(cfg, i).rows for i in idx_h])  # [src, dst]
-            d_in = [int(rows[rank, r]) * body for r in range(ep)]
-            d_out = [int(rows[s, rank]) * body for s in range(ep)]
-            c_in = [int(rows[s, rank]) * HIDDEN for s in range(ep)]  # BF16 elements back to each source
-            c_out = [int(rows[rank, r]) * HIDDEN for r in range(ep)]
-            dev = torch.device("cuda", rank)
-            ds, dr = torch.empty(sum(d_in), dtype=torch.uint8, device=dev), torch.empty(sum(d_out), dtype=torch.uint8,
-                                                                                         device=dev)
-            cs, cr = torch.empty(sum(c_in), dtype=torch.bfloat16, device=dev), torch.empty(sum(c_out),
-                                                                                          dtype=torch.bfloat16,
-                                                                                          device=dev)
-            ts = torch.cuda.Stream(device=dev)  # NCCL's calls and their gate run on this stream
             try:
-                gs = cp.cuda.ExternalStream(ts.cuda_stream, rank)
-            except TypeError:  # a CuPy whose ExternalStream takes the pointer only
-                gs = cp.cuda.ExternalStream(ts.cuda_stream)
-            tev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            nd, nc = [], []
-            with torch.cuda.stream(ts):  # connect NCCL's peers outside the gated loop
-                dist.all_to_all_single(dr, ds, d_out, d_in)
-                dist.all_to_all_single(cr, cs, c_out, c_in)
-            torch.cuda.synchronize(dev)
-            with torch.cuda.stream(ts):
-                for it in range(warmup + iters):
-                    step += 2
-                    gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=gs)
-                    tev[0].record(ts)
-                    dist.all_to_all_single(dr, ds, d_out, d_in)
-                    tev[1].record(ts)
-                    gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=gs)
-                    tev[2].record(ts)
-                    dist.all_to_all_single(cr, cs, c_out, c_in)
-                    tev[3].record(ts)
-                    sync_point(step - 1)
-                    tev[1].synchronize()
-                    sync_point(step)
-                    tev[3].synchronize()
-                    if it >= warmup:
-                        nd.append(tev[0].elapsed_time(tev[1]) * 1e3)
-                        nc.append(tev[2].elapsed_time(tev[3]) * 1e3)
-            res.update({"nccl_dispatch_us": nd, "nccl_combine_us": nc,
-                        "rows_sent": [int(v) for v in rows[rank]]})
+                res.update(_nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup))
+                step = res.pop("step")
+            except Exception as e:  # noqa: BLE001 - the baseline failing must not lose our numbers
+                res["nccl_error"] = f"{type(e).__name__}: {e}"
+                nccl = False
         out[tokens] = res
     moe.close()
     rt.hostUnregister(fptr)  # the mapping itself goes with the process
@@ -213,6 +173,58 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     if dist is not None:
         dist.destroy_process_group()
     return out
+
+
+def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> dict:
+    """The NCCL all_to_all_single baseline of one token count (same gates)."""
+    import cupy as cp
+    import torch
+    import torch.distributed as dist
+
+    from aiofabric.moe.layout import route
+
+    body = cfg.payload_bytes + cfg.scale_bytes
+    rows = np.array([route(cfg, i).rows for i in idx_h])  # [src, dst]
+    d_in = [int(rows[rank, r]) * body for r in range(ep)]
+    d_out = [int(rows[s, rank]) * body for s in range(ep)]
+    c_in = [int(rows[s, rank]) * HIDDEN for s in range(ep)]  # BF16 elements back to each source
+    c_out = [int(rows[rank, r]) * HIDDEN for r in range(ep)]
+    dev = torch.device("cuda", rank)
+    ds, dr = torch.empty(sum(d_in), dtype=torch.uint8, device=dev), torch.empty(sum(d_out), dtype=torch.uint8,
+                                                                                 device=dev)
+    cs, cr = torch.empty(sum(c_in), dtype=torch.bfloat16, device=dev), torch.empty(sum(c_out),
+                                                                                  dtype=torch.bfloat16,
+                                                                                  device=dev)
+    ts = torch.cuda.Stream(device=dev)  # NCCL's calls and their gate run on this stream
+    try:
+        gs = cp.cuda.ExternalStream(ts.cuda_stream, rank)
+    except TypeError:  # a CuPy whose ExternalStream takes the pointer only
+        gs = cp.cuda.ExternalStream(ts.cuda_stream)
+    tev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    nd, nc = [], []
+    with torch.cuda.stream(ts):  # connect NCCL's peers outside the gated loop
+        dist.all_to_all_single(dr, ds, d_out, d_in)
+        dist.all_to_all_single(cr, cs, c_out, c_in)
+    torch.cuda.synchronize(dev)
+    with torch.cuda.stream(ts):
+        for it in range(warmup + iters):
+            step += 2
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=gs)
+            tev[0].record(ts)
+            dist.all_to_all_single(dr, ds, d_out, d_in)
+            tev[1].record(ts)
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=gs)
+            tev[2].record(ts)
+            dist.all_to_all_single(cr, cs, c_out, c_in)
+            tev[3].record(ts)
+            sync_point(step - 1)
+            tev[1].synchronize()
+            sync_point(step)
+            tev[3].synchronize()
+            if it >= warmup:
+                nd.append(tev[0].elapsed_time(tev[1]) * 1e3)
+                nc.append(tev[2].elapsed_time(tev[3]) * 1e3)
+    return {"nccl_dispatch_us": nd, "nccl_combine_us": nc, "rows_sent": [int(v) for v in rows[rank]], "step": step}
 
 
 def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float) -> dict:
@@ -252,11 +264,20 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
         for name in os.listdir(tmp):
             os.unlink(os.path.join(tmp, name))
         os.rmdir(tmp)
+    return summarize(ep, tokens_list, results)
+
+
+def summarize(ep: int, tokens_list: list[int], results: list[dict]) -> dict:
+    """Per token count: p50/p99 of the slowest rank per iteration, per series."""
     summary = {}
     for tokens in tokens_list:
         row: dict = {"ep": ep, "tokens": tokens}
+        errors = [r[tokens]["nccl_error"] for r in results if "nccl_error" in r[tokens]]
+        if errors:
+            row["nccl_error"] = errors[0]
         for key in results[0][tokens]:
-            if not key.endswith("_us"):
+            if not key.endswith("_us") or not all(len(r[tokens].get(key, ())) == len(results[0][tokens][key])
+                                                  for r in results):
                 continue
             worst = np.max(np.array([r[tokens][key] for r in results]), axis=0)  # slowest rank per iteration
             row[key] = {"p50": float(np.percentile(worst, 50)), "p99": float(np.percentile(worst, 99)),
@@ -302,11 +323,29 @@ def main(argv: list[str] | None = None) -> int:
     if not eps:
         print(f"needs 2 or more GPUs for EP{args.ep}, found {n}")
         return 1
+    failed = []
     for ep in eps:
-        res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit)
+        try:
+            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"EP{ep} failed: {e}")
+            failed.append({"ep": ep, "error": str(e)})
+            continue
         out["rows"].extend(res.values())
-    print(f"MoE latency, {card} x{n}, DeepSeek-V3 shape (hidden {HIDDEN}, {EXPERTS} experts, top-{TOPK}, "
-          f"FP8 dispatch, BF16 combine); slowest rank per iteration, {args.iters} iterations, us")
+        for row in res.values():
+            if "nccl_error" in row:
+                print(f"EP{ep} {row['tokens']} tokens: NCCL baseline failed: {row['nccl_error']}")
+    out["failed"] = failed
+    print_table(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 1 if failed else 0
+
+
+def print_table(out: dict) -> None:
+    print(f"MoE latency, {out['card']} x{out['gpus']}, DeepSeek-V3 shape (hidden {HIDDEN}, {EXPERTS} experts, "
+          f"top-{TOPK}, FP8 dispatch, BF16 combine); slowest rank per iteration, {out['iters']} iterations, us")
     hdr = f"{'EP':>3} {'tokens':>6} | {'op':>8} | {'aiofabric p50':>13} {'p99':>7} | {'NCCL a2a p50':>12} {'p99':>7} | " \
           f"{'NCCL/ours':>9}"
     print(hdr)
@@ -316,11 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             b = row.get(f"nccl_{op}_us")
             nccl_s = f"{b['p50']:12.1f} {b['p99']:7.1f}" if b else f"{'-':>12} {'-':>7}"
             ratio = f"{b['p50'] / a['p50']:9.2f}" if b else f"{'-':>9}"
-            print(f"{row['ep']:>3} {row['tokens']:>6} | {op:>8} | {a['p50']:13.1f} {a['p99']:7.1f} | {nccl_s} | {ratio}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+            print(f"{row['ep']:>3} {row['tokens']:>6} | {op:>8} | {a['p50']:13.1f} {a['p99']:7.1f} | {nccl_s} | "
+                  f"{ratio}")
 
 
 if __name__ == "__main__":
