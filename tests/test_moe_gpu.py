@@ -116,6 +116,7 @@ async def test_nvlink_ranks_in_one_process(mode, cdt, epr, k):
 
 
 @needs_gpus
+@pytest.mark.timeout(300)
 async def test_deepseek_v3_shape():
     """hidden 7168, 256 experts, top-8, FP8 dispatch, BF16 combine, 128 tokens per rank."""
     cfg = MoEConfig(256, EP, 7168, 8, 128, mode="fp8", combine_dtype="bf16")
@@ -182,6 +183,7 @@ def _rank_proc(rank: int, cfg_dict: dict, seeds: list, conn) -> None:
 
 
 @needs_gpus
+@pytest.mark.timeout(300)
 async def test_nvlink_ranks_as_processes():
     """One process per GPU; inboxes mapped through CUDA IPC handles sent over the engine."""
     cfg = MoEConfig(EP * 4, EP, 1024, 4, 32, mode="fp8")
