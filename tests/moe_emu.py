@@ -25,6 +25,7 @@ from aiofabric.moe.kernels import NAMES, SOURCE
 PRELUDE = r"""
 #include <atomic>
 #include <barrier>
+#include <memory>
 #include <chrono>
 #include <cstring>
 #include <math.h>
@@ -46,6 +47,20 @@ alignas(16) static unsigned char emu_shared[1 << 16];
 #define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(emu_shared)
 #define PAUSE() std::this_thread::yield()
 static inline void __syncthreads() { emu_bar->arrive_and_wait(); }
+static std::vector<std::barrier<>*> emu_warp_bars;  /* one per warp of the running block */
+static unsigned emu_votes[32][32];
+static inline unsigned __ballot_sync(unsigned, int pred)
+{
+    const unsigned w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    emu_votes[w][l] = pred ? 1u : 0u;
+    emu_warp_bars[w]->arrive_and_wait();
+    unsigned m = 0;
+    for (unsigned i = 0; i < 32; ++i)
+        m |= emu_votes[w][i] << i;
+    emu_warp_bars[w]->arrive_and_wait();
+    return m;
+}
+static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline int atomicCAS(int* p, int cmp, int v)
@@ -83,6 +98,12 @@ static void emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, v
         for (unsigned bxi = 0; bxi < gx; ++bxi) {
             std::barrier<> bar(bx);
             emu_bar = &bar;
+            std::vector<std::unique_ptr<std::barrier<>>> warps;
+            emu_warp_bars.clear();
+            for (unsigned w = 0; w * 32 < bx; ++w) {
+                warps.emplace_back(new std::barrier<>(bx - 32 * w < 32 ? bx - 32 * w : 32));
+                emu_warp_bars.push_back(warps.back().get());
+            }
             std::vector<std::thread> ts;
             for (unsigned t = 0; t < bx; ++t)
                 ts.emplace_back([=] {

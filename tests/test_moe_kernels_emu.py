@@ -167,3 +167,26 @@ async def test_fabric_gpu_path_equals_reference(loop_errors):
             ep.close()
         for e in reversed(engines):
             await e.aclose()
+
+
+@pytest.mark.parametrize("T, ranks, epr, k, idx_dtype", [(100, 4, 16, 6, np.int64), (65, 3, 33, 8, np.int32),
+                                                         (0, 2, 2, 2, np.int64)])
+async def test_route_kernel_equals_layout_route(T, ranks, epr, k, idx_dtype):
+    """Several 32-token chunks and several warps per pass (the small rounds above use one of each)."""
+    from aiofabric.moe import layout
+
+    cfg = MoEConfig(ranks * epr, ranks, 128, k, max(T, 1))
+    rng = np.random.default_rng(T)
+    idx = np.stack([rng.permutation(cfg.num_experts)[:k] for _ in range(T)]) if T else np.zeros((0, k), int)
+    idx = np.where(rng.random(idx.shape) < 0.2, -1, idx).astype(idx_dtype)
+    ep = group(MoEConfig(ranks * epr, ranks, 128, k, max(T, 1)))[0]
+    b, p = ep._b, ep._b.ptr
+    assert ep._route_threads == 32 * min(32, -(-cfg.num_experts // 32))
+    b.launch("moe_route", (1,), ep._route_threads,
+             (p(idx), idx.dtype == np.int64, T, k, epr, ranks, p(ep._idx32), p(ep._pos), p(ep._rowidx),
+              p(ep._nrows), p(ep._counts)))
+    want = layout.route(cfg, idx.astype(np.int32))
+    assert np.array_equal(ep._pos[:T * k].reshape(T, k), want.pos)
+    assert np.array_equal(ep._rowidx[:T * ranks].reshape(T, ranks), want.rowidx)
+    assert np.array_equal(ep._nrows, want.rows)
+    assert np.array_equal(ep._counts.reshape(ranks, epr), want.counts)

@@ -200,7 +200,8 @@ class GpuExpertParallel:
     gives up (then :meth:`synchronize` raises BrokenResourceError).
     ``validate``: check ``topk_idx`` on the host (a device-to-host copy and a
     sync per dispatch; pass False on the hot path: out-of-range ids are then
-    treated as masked, duplicate ids are not detected).  ``engine`` is used
+    treated as masked, and an expert named twice in a row gets the token once
+    with both weights).  ``engine`` is used
     only by :meth:`join` (it may be None with :meth:`connect`).
     """
 
@@ -221,6 +222,7 @@ class GpuExpertParallel:
         self.timeout = float(timeout)
         self.validate = bool(validate)
         self._threads = int(threads)
+        self._route_threads = 32 * max(1, min(32, (config.num_experts + 31) // 32))  # a warp per expert, <= 1024
         b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
         u8, i32 = np.uint8, np.int32
         mt, k, ranks, epr = c.max_tokens, c.topk, c.ranks, c.experts_per_rank
@@ -350,9 +352,9 @@ class GpuExpertParallel:
         self._t = t
         b.begin()
         p = b.ptr
-        b.launch("moe_route", (1,), max(32, min(1024, c.ranks)),
+        b.launch("moe_route", (1,), self._route_threads,
                  (p(topk_idx), topk_idx.dtype == np.int64, t, c.topk, c.experts_per_rank, c.ranks, p(self._idx32),
-                  p(self._pos), p(self._rowidx), p(self._nrows), p(self._counts)), shared=4 * c.num_experts)
+                  p(self._pos), p(self._rowidx), p(self._nrows), p(self._counts)))
         if t:
             b.launch("moe_pack", (t,), 128, (p(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
                                              p(self._packed), self._body_pad))

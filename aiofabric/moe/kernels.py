@@ -8,8 +8,8 @@ multiply-add) in the reference's order.
 
 Kernels (one CUDA stream, in this order per round):
 
-``moe_route``         one block: per destination rank, rows and per-expert
-                      positions in token order (shared-memory counters)
+``moe_route``         one block: per expert and per destination rank, a warp
+                      walks the tokens with ballots (positions in token order)
 ``moe_pack``          one block of 128 threads per token: the dispatch
                       payload (BF16 / float32 / FP8 with a scale per 128)
 ``moe_dispatch_send`` grid (ranks, C): writes header + payload rows straight
@@ -119,38 +119,61 @@ __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeo
     return 1;
 }
 
+/* one block, blockDim.x a multiple of 32: one warp per expert, then one warp
+ * per destination rank, each walking the tokens 32 at a time with a ballot
+ * (positions in token order without atomics) */
 extern "C" __global__ void moe_route(const void* idx, int idx64, int T, int k, int epr, int ranks,
                                      int* idx32, int* pos, int* rowidx, int* nrows, int* counts)
 {
-    DYN_SHARED(int, cnt);  /* ranks * epr */
     const int E = ranks * epr;
-    for (int i = threadIdx.x; i < E; i += blockDim.x)
-        cnt[i] = 0;
     for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
         const long long e = idx64 ? ((const long long*)idx)[i] : (long long)((const int*)idx)[i];
         idx32[i] = (e >= 0 && e < E) ? (int)e : -1;
     }
     __syncthreads();
-    for (int r = threadIdx.x; r < ranks; r += blockDim.x) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const unsigned below = (1u << lane) - 1u;
+    for (int e = warp; e < E; e += warps) {
         int n = 0;
-        for (int t = 0; t < T; ++t) {
+        for (int base = 0; base < T; base += 32) {
+            const int t = base + lane;
             int hit = 0;
-            for (int j = 0; j < k; ++j) {
-                const int e = idx32[t * k + j];
-                if (e >= 0 && e / epr == r) {
-                    pos[t * k + j] = cnt[e]++;
-                    hit = 1;
-                } else if (e < 0 && r == 0) {
-                    pos[t * k + j] = -1;
-                }
+            if (t < T)
+                for (int j = 0; j < k; ++j)
+                    hit |= idx32[t * k + j] == e;
+            const unsigned m = __ballot_sync(0xffffffffu, hit);
+            if (hit) {
+                const int p = n + __popc(m & below);
+                for (int j = 0; j < k; ++j)
+                    if (idx32[t * k + j] == e)
+                        pos[t * k + j] = p;
             }
-            rowidx[t * ranks + r] = hit ? n++ : -1;
+            n += __popc(m);
         }
-        nrows[r] = n;
+        if (lane == 0)
+            counts[e] = n;
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < E; i += blockDim.x)
-        counts[i] = cnt[i];
+    for (int i = threadIdx.x; i < T * k; i += blockDim.x)
+        if (idx32[i] < 0)
+            pos[i] = -1;
+    for (int r = warp; r < ranks; r += warps) {
+        int n = 0;
+        for (int base = 0; base < T; base += 32) {
+            const int t = base + lane;
+            int hit = 0;
+            if (t < T)
+                for (int j = 0; j < k; ++j) {
+                    const int e = idx32[t * k + j];
+                    hit |= e >= 0 && e / epr == r;
+                }
+            const unsigned m = __ballot_sync(0xffffffffu, hit);
+            if (t < T)
+                rowidx[t * ranks + r] = hit ? n + __popc(m & below) : -1;
+            n += __popc(m);
+        }
+        if (lane == 0)
+            nrows[r] = n;
+    }
 }
 
 /* blockDim.x must be 128 (one FP8 scale group per pass) */
