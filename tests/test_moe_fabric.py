@@ -52,7 +52,7 @@ async def one_round(eps, seed):
         assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
 
 
-@pytest.mark.parametrize("provider", ["shm", "tcp;ofi_rxm"])
+@pytest.mark.parametrize("provider", ["shm", "tcp;ofi_rxm", "udp;ofi_rxd"])
 @pytest.mark.parametrize("ranks, epr, k, mode, cdt", [
     (2, 3, 4, "fp8", "bf16"),
     (3, 2, 3, "bf16", "float32"),
