@@ -1,0 +1,361 @@
+"""MoE dispatch/combine on GPUs.
+
+``GpuExpertParallel`` is the intra-host path: one rank per GPU (one process
+each, or several GPUs in one process), every rank's inbox is one device
+allocation whose CUDA IPC handle the others map; kernels (moe/kernels.py)
+write tokens straight into the peers' inboxes over NVLink and signal with
+flags that the receiving kernel spins on.  No host round trip on the
+critical path: the API is stream-ordered (calls enqueue work and return;
+``synchronize()`` reports a peer that did not signal within ``timeout``).
+
+``FabricGpuExpertParallel`` is the GPU-over-fabric path ("separate hosts"
+that talk only through the engine): tokens are packed (FP8-quantised) on the
+GPU, copied to host memory, and travel with :class:`~aiofabric.moe.ExpertParallel`'s
+protocol; results are copied back to the GPU.
+
+Both produce exactly what reference.py defines.  CuPy is needed only when a
+GPU object is made: this module imports without it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Sequence
+
+import msgpack
+import numpy as np
+
+from ..errors import BrokenResourceError, ClosedResourceError, ProtocolError, UnavailableError
+from . import layout
+from .cuda import SIGNATURES, THREADS, CudaBackend, kernel_args
+from .host import Dispatched, ExpertParallel, wait_all
+from .kernels import MODE
+from .layout import MoEConfig
+
+__all__ = ["CudaBackend", "FabricGpuExpertParallel", "GpuDispatched", "GpuExpertParallel", "SIGNATURES",
+           "kernel_args"]
+
+_VERSION = 1
+
+
+class GpuDispatched(NamedTuple):
+    """What a rank received (device arrays, reused by the next round):
+    expert ``e``'s tokens are ``x[e, :counts[e]]`` in source rank, then token
+    order; rows past the count hold stale data."""
+
+    x: Any          #: [E/ranks, capacity, H] uint16 (BF16) / uint8 (FP8) / float32
+    scales: Any     #: [E/ranks, capacity, H/128] float32 (FP8) or None
+    src: Any        #: [E/ranks, capacity, 2] int32: (source rank, token index)
+    counts: Any     #: [E/ranks] int32
+
+
+class GpuExpertParallel:
+    """One rank of an intra-host expert-parallel group, on GPU ``device``
+    (default: ``rank``).
+
+    ``timeout``: seconds a receiving kernel spins for a peer's flag before it
+    gives up (then :meth:`synchronize` raises BrokenResourceError).
+    ``validate``: check ``topk_idx`` on the host (a device-to-host copy and a
+    sync per dispatch; pass False on the hot path: out-of-range ids are then
+    treated as masked, and an expert named twice in a row gets the token once
+    with both weights).  ``engine`` is used
+    only by :meth:`join` (it may be None with :meth:`connect`).
+    """
+
+    def __init__(self, engine: Any, rank: int, config: MoEConfig, device: int | None = None, *,
+                 timeout: float = 10.0, validate: bool = True, threads: int = THREADS,
+                 backend: Any = None) -> None:
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, not {type(config).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < config.ranks:
+            raise ValueError(f"rank must be an int in [0, {config.ranks}), got {rank!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if config.topk > 64:
+            raise ValueError("topk must be <= 64 on the GPU path")
+        self.engine = engine
+        self.rank = rank
+        self.config = c = config
+        self.timeout = float(timeout)
+        self.validate = bool(validate)
+        self._threads = int(threads)
+        self._route_threads = 32 * max(1, min(32, (config.num_experts + 31) // 32))  # a warp per expert, <= 1024
+        b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
+        u8, i32 = np.uint8, np.int32
+        mt, k, ranks, epr = c.max_tokens, c.topk, c.ranks, c.experts_per_rank
+        self._body_pad = c.row_bytes - c.header_bytes
+        self.inbox = b.zeros(c.inbox_bytes, u8)
+        self._idx32 = b.zeros(max(1, mt * k), i32)
+        self._pos = b.zeros(max(1, mt * k), i32)
+        self._rowidx = b.zeros(max(1, mt * ranks), i32)
+        self._nrows = b.zeros(ranks, i32)
+        self._counts = b.zeros(c.num_experts, i32)
+        self._packed = b.zeros((mt, self._body_pad), u8)
+        self._done_d = b.zeros(ranks, np.uint32)
+        self._done_c = b.zeros(ranks, np.uint32)
+        self._err = b.zeros(1, i32)
+        self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
+        self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
+        self._peers = b.zeros(ranks, np.uint64)
+        xdt = {"bf16": np.uint16, "fp8": np.uint8, "float32": np.float32}[c.mode]
+        cdt = np.uint16 if c.combine_dtype == "bf16" else np.float32
+        self.x = b.zeros((epr, c.capacity, c.hidden), xdt)
+        g = c.hidden // 128
+        self.scales = b.zeros((epr, c.capacity, g), np.float32) if c.mode == "fp8" else None
+        self._sdummy = b.zeros(1, np.float32)
+        self.src = b.zeros((epr, c.capacity, 2), i32)
+        self.counts = b.zeros(epr, i32)
+        self.out = b.zeros((mt, c.hidden), cdt)
+        b.settle()  # the inbox is zeroed before any peer can learn where it is
+        self._connected = False
+        self._seq = 0
+        self._state = "idle"
+        self._t = 0
+        self._closed = False
+
+    # -- connecting -----------------------------------------------------------------
+
+    def info(self) -> bytes:
+        from ..liveness import host_identity
+
+        h = self._b.handle(self.inbox)
+        return msgpack.packb({"t": "moe-gpu", "v": _VERSION, "rank": self.rank, "config": self.config.to_dict(),
+                              "host": host_identity(), "pid": os.getpid(), **h}, use_bin_type=True)
+
+    def connect(self, infos: Sequence[bytes]) -> None:
+        """Map every rank's inbox (index = rank).  Raises ProtocolError for a
+        blob of another group, UnavailableError for a rank on another host or
+        a GPU pair without peer access."""
+        from ..liveness import host_identity
+
+        infos = list(infos)
+        if len(infos) != self.config.ranks:
+            raise ValueError(f"infos needs one blob per rank ({self.config.ranks}), got {len(infos)}")
+        ptrs = []
+        for r, blob in enumerate(infos):
+            try:
+                d = msgpack.unpackb(bytes(blob), raw=False)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is a protocol error
+                raise ProtocolError(f"infos[{r}] is not a GPU MoE info blob: {e}") from None
+            if not isinstance(d, dict) or d.get("t") != "moe-gpu" or d.get("v") != _VERSION:
+                raise ProtocolError(f"infos[{r}] is not a GPU MoE info blob (version {_VERSION})")
+            if d.get("rank") != r or d.get("config") != self.config.to_dict():
+                raise ProtocolError(f"infos[{r}] describes rank {d.get('rank')} of another group")
+            if d.get("host") != host_identity():
+                raise UnavailableError(f"rank {r} runs on another host: use FabricGpuExpertParallel")
+            ptrs.append(self._b.ptr(self.inbox) if r == self.rank else self._b.map_peer(d))
+        self._b.put(self._peers, np.array(ptrs, np.uint64))
+        self._connected = True
+
+    async def join(self, peers: Sequence[Any]) -> None:
+        """Exchange :meth:`info` over the engine's messages and connect
+        (``peers[r]``: rank r's engine address)."""
+        peers = list(peers)
+        if self.engine is None:
+            raise ValueError("join() needs an engine (or use connect())")
+        if len(peers) != self.config.ranks:
+            raise ValueError(f"peers needs one address per rank ({self.config.ranks}), got {len(peers)}")
+        blob = self.info()
+        sends = [self.engine.send(p, blob) for r, p in enumerate(peers) if r != self.rank]
+
+        async def get(p: Any) -> bytes:
+            return (await self.engine.recv(peer=p)).data
+
+        got = list(await wait_all([get(p) for r, p in enumerate(peers) if r != self.rank]))
+        await wait_all(sends)
+        got.insert(self.rank, blob)
+        self.connect(got)
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def _turn(self, want: str, what: str) -> None:
+        if self._closed:
+            raise ClosedResourceError("GpuExpertParallel is closed")
+        if not self._connected:
+            raise RuntimeError("connect() or join() first")
+        if self._state != want:
+            raise RuntimeError(f"{what} out of turn: a round is dispatch_send, dispatch_recv, combine_send, "
+                               f"combine_recv (state: {self._state})")
+
+    def _array(self, name: str, a: Any, dtypes: tuple[Any, ...], shape: tuple[int, ...] | None = None) -> None:
+        if not self._b.is_array(a):
+            raise TypeError(f"{name} must be a {self._b.xp.__name__} array, not {type(a).__name__}")
+        if a.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype {' or '.join(str(np.dtype(d)) for d in dtypes)}, not {a.dtype}")
+        if shape is not None and tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(a.shape)}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if not self._b.on_device(a):
+            raise ValueError(f"{name} is on another device than GPU {self._b.device}")
+
+    def dispatch_send(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
+        """Enqueue routing, packing and the writes into every peer's inbox.
+        ``x`` ``[T, H]`` uint16 (BF16 bits) or float32, ``topk_idx`` ``[T, k]``
+        int32/int64 (-1 masked), ``topk_weights`` ``[T, k]`` float32, all on
+        this rank's GPU.  Raises TypeError/ValueError naming the argument."""
+        self._turn("idle", "dispatch_send")
+        c = self.config
+        self._array("x", x, (np.uint16, np.float32))
+        if x.ndim != 2 or x.shape[1] != c.hidden or x.shape[0] > c.max_tokens:
+            raise ValueError(f"x must be [T <= {c.max_tokens}, {c.hidden}], got {tuple(x.shape)}")
+        t = int(x.shape[0])
+        self._array("topk_idx", topk_idx, (np.int32, np.int64), (t, c.topk))
+        self._array("topk_weights", topk_weights, (np.float32,), (t, c.topk))
+        if self.validate:
+            layout.check_routing("topk_idx", self._b.to_host(topk_idx), c.num_experts, t, c.topk)
+        b = self._b
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        self._t = t
+        b.begin()
+        p = b.ptr
+        b.launch("moe_route", (1,), self._route_threads,
+                 (p(topk_idx), topk_idx.dtype == np.int64, t, c.topk, c.experts_per_rank, c.ranks, p(self._idx32),
+                  p(self._pos), p(self._rowidx), p(self._nrows), p(self._counts)))
+        if t:
+            b.launch("moe_pack", (t,), 128, (p(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
+                                             p(self._packed), self._body_pad))
+        b.launch("moe_dispatch_send", (c.ranks, max(1, min(t, 32))), self._threads,
+                 (p(self._packed), self._body_pad, p(self._idx32), p(topk_weights), p(self._pos), p(self._rowidx),
+                  p(self._nrows), p(self._counts), p(self._peers), self.rank, c.ranks, t, c.topk,
+                  c.experts_per_rank, seq, c.dflag_offset, c.meta_offset, c.meta_bytes, c.drows_offset,
+                  c.row_bytes, c.header_bytes, c.max_tokens, p(self._done_d)))
+        self._keep = (x, topk_idx, topk_weights)  # alive until the kernels have read them
+        self._state = "dispatching"
+
+    def dispatch_recv(self) -> GpuDispatched:
+        """Enqueue the receiving kernel (it spins until every rank's tokens
+        are in) and make the caller's current stream wait for it.  The
+        returned arrays are this object's and are rewritten next round."""
+        self._turn("dispatching", "dispatch_recv")
+        c, b, p = self.config, self._b, self._b.ptr
+        b.launch("moe_dispatch_recv", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+                 (p(self.inbox), c.ranks, c.topk, c.experts_per_rank, self._seq, c.dflag_offset, c.meta_offset,
+                  c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes, c.payload_bytes, c.scale_bytes,
+                  c.max_tokens, p(self.x), p(self.scales if self.scales is not None else self._sdummy), p(self.src),
+                  p(self.counts), p(self._offs), p(self._nrecv), c.capacity, int(self.timeout * 1e9), p(self._err)),
+                 shared=4 * c.experts_per_rank)
+        b.end()
+        self._state = "dispatched"
+        return GpuDispatched(self.x, self.scales, self.src, self.counts)
+
+    def combine_send(self, y: Any) -> None:
+        """Enqueue the weighted reduction over this rank's experts and the
+        writes of the partial sums back to each source.  ``y`` is
+        ``[E/ranks, capacity, H]`` (uint16 BF16 bits or float32), row ``i``
+        of expert ``e`` the output for ``x[e, i]``."""
+        self._turn("dispatched", "combine_send")
+        c, b, p = self.config, self._b, self._b.ptr
+        self._array("y", y, (np.uint16, np.float32), (c.experts_per_rank, c.capacity, c.hidden))
+        b.begin()
+        b.launch("moe_combine_send", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+                 (p(self.inbox), p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank,
+                  c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, p(self._offs), p(self._nrecv),
+                  c.drows_offset, c.row_bytes, c.crows_offset, c.max_tokens, c.combine_dtype == "bf16",
+                  p(self._done_c)), shared=4 * (c.experts_per_rank + 3 * c.topk))
+        self._keep = (y,)
+        self._state = "combining"
+
+    def combine_recv(self) -> Any:
+        """Enqueue the kernel that waits for every rank's partial sums and
+        adds them up; returns ``[T, H]`` (a view of a reused buffer) that the
+        caller's current stream may use."""
+        self._turn("combining", "combine_recv")
+        c, b, p = self.config, self._b, self._b.ptr
+        t = self._t
+        b.launch("moe_combine_recv", (max(1, min(t, 128)),), self._threads,
+                 (p(self.inbox), p(self._rowidx), t, c.hidden, c.ranks, self._seq, c.cflag_offset, c.crows_offset,
+                  c.max_tokens, c.combine_dtype == "bf16", p(self.out), int(self.timeout * 1e9), p(self._err)))
+        b.end()
+        self._state = "idle"
+        return self.out[:t]
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued work; raise BrokenResourceError if a
+        receiving kernel gave up waiting for a rank (the group is then
+        unusable), ProtocolError if a peer sent inconsistent rows."""
+        self._b.synchronize()
+        err = int(self._b.to_host(self._err)[0])
+        if err:
+            self._state = "broken"
+            if err < 0:
+                raise ProtocolError("a rank sent rows whose positions exceed the receive capacity")
+            raise BrokenResourceError(f"rank {err - 1} did not signal within timeout={self.timeout:g} s")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._b.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"<GpuExpertParallel rank {self.rank}/{c.ranks} experts {c.num_experts} {c.mode} {self._state}>"
+
+
+class FabricGpuExpertParallel:
+    """GPU ranks that talk only through the engine (the inter-host path on
+    GPUs): pack (and FP8-quantise) on the GPU, copy the packed tokens to host
+    memory, send with :class:`ExpertParallel`'s protocol, copy results back.
+    The simplest correct version: each send half synchronises the GPU."""
+
+    def __init__(self, engine: Any, rank: int, config: MoEConfig, device: int | None = None, *,
+                 backend: Any = None) -> None:
+        self.host = ExpertParallel(engine, rank, config)
+        self.config = config
+        self.rank = rank
+        b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
+        self._body_pad = config.row_bytes - config.header_bytes
+        self._packed = b.zeros((config.max_tokens, self._body_pad), np.uint8)
+
+    def info(self) -> bytes:
+        return self.host.info()
+
+    def connect(self, infos: Sequence[bytes]) -> None:
+        self.host.connect(infos)
+
+    async def join(self, peers: Sequence[Any]) -> None:
+        await self.host.join(peers)
+
+    def dispatch_send(self, x: Any, topk_idx: Any, topk_weights: Any) -> Any:
+        c, b = self.config, self._b
+        if not b.is_array(x) or x.dtype not in (np.uint16, np.float32) or x.ndim != 2 or x.shape[1] != c.hidden:
+            raise TypeError(f"x must be a [T, {c.hidden}] uint16/float32 {b.xp.__name__} array")
+        if x.shape[0] > c.max_tokens:
+            raise ValueError(f"x has {x.shape[0]} tokens, more than max_tokens={c.max_tokens}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be C-contiguous")
+        t = int(x.shape[0])
+        self.host._check_state("idle", "dispatch_send")
+        idx = layout.check_routing("topk_idx", b.to_host(topk_idx), c.num_experts, t, c.topk)
+        w = layout.check_weights("topk_weights", b.to_host(topk_weights), idx.shape)
+        if t:
+            b.begin()
+            b.launch("moe_pack", (t,), 128, (b.ptr(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
+                                             b.ptr(self._packed), self._body_pad))
+        body = b.to_host(self._packed[:t])[:, :c.payload_bytes + c.scale_bytes]
+        b.synchronize()
+        return self.host._dispatch_body(np.ascontiguousarray(body), idx, w)
+
+    async def dispatch_recv(self) -> Dispatched:
+        """Like ExpertParallel.dispatch_recv, with x/scales/src as device arrays."""
+        d = await self.host.dispatch_recv()
+        b = self._b
+        out = Dispatched(b.to_device(d.x), None if d.scales is None else b.to_device(d.scales),
+                         b.to_device(d.src_rank), b.to_device(d.src_token), d.counts, d.offsets)
+        b.synchronize()
+        return out
+
+    def combine_send(self, expert_out: Any) -> Any:
+        """``expert_out`` ``[N, H]`` device array in Dispatched order."""
+        y = self._b.to_host(expert_out)
+        self._b.synchronize()
+        return self.host.combine_send(y)
+
+    async def combine_recv(self) -> Any:
+        out = await self.host.combine_recv()
+        d = self._b.to_device(out)
+        self._b.synchronize()
+        return d
+
+    def close(self) -> None:
+        self.host.close()
+        self._b.close()
