@@ -48,7 +48,7 @@ def _devices() -> tuple[int, int]:
 async def test_gpu_module_imports_without_cupy():
     assert "quant_fp8" in cast_gpu.QUANT_SRC
     with pytest.raises(ValueError, match="block"):
-        cast_gpu.quantize_runs_gpu(0, np.zeros((1, 1), np.int64), 1, 16, 0, 0, block=100)
+        cast_gpu.quantize_runs_gpu(0, np.zeros((1, 1), np.int64), 1, 16, 0, 0, block=1025)
     if N_GPUS == 0 and WHY == "CuPy is not installed":
         with pytest.raises(af.UnavailableError, match="CuPy"):
             cast_gpu.quantize_runs_gpu(0, np.zeros((1, 1), np.int64), 1, 16, 0, 0)
@@ -68,9 +68,10 @@ def _sample() -> np.ndarray:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, width, order", [(2, 300, "forward"), (1, 128, "gather"), (4, 300, "gather"),
-                                                (1, 44, "forward")])
-async def test_quantize_kernel_matches_numpy(rows, width, order):
+@pytest.mark.parametrize("rows, width, order, block", [(2, 300, "forward", 128), (1, 128, "gather", 128),
+                                                       (4, 300, "gather", 128), (1, 44, "forward", 128),
+                                                       (2, 300, "gather", 16), (1, 300, "forward", 100)])
+async def test_quantize_kernel_matches_numpy(rows, width, order, block):
     import cupy as cp
 
     x = _sample().reshape(-1)
@@ -81,15 +82,16 @@ async def test_quantize_kernel_matches_numpy(rows, width, order):
         starts = starts[::-1].copy() + (per_row - width)  # rows out of order, not from a row's start
     n = n_rows // rows
     starts = starts[: n * rows].reshape(n, rows)
-    nb = -(-width // 128)
+    nb = -(-width // block)
     want_c = np.zeros(n * rows * width, np.uint8)
     want_s = np.zeros(n * rows * nb, np.float32)
-    quantize_runs(x, starts, rows, width, want_c, want_s)
+    quantize_runs(x, starts, rows, width, want_c, want_s, block=block)
     with cp.cuda.Device(0):
         src = cp.asarray(x)
         codes = cp.zeros(want_c.size, cp.uint8)
         scales = cp.zeros(want_s.size, cp.float32)
-        cast_gpu.quantize_runs_gpu(src.data.ptr, starts, rows, width, codes.data.ptr, scales.data.ptr, device=0)
+        cast_gpu.quantize_runs_gpu(src.data.ptr, starts, rows, width, codes.data.ptr, scales.data.ptr, device=0,
+                                    block=block)
         cp.cuda.Device(0).synchronize()
         assert np.array_equal(codes.get(), want_c)
         assert np.array_equal(scales.get().view(np.uint32), want_s.view(np.uint32))

@@ -37,15 +37,16 @@ __device__ __forceinline__ unsigned char f32_to_e4m3(float f)
  * the piece's codes go to codes + p*rows*width, its scales to scales + p*rows*nb. */
 extern "C" __global__ void quant_fp8(const unsigned short* __restrict__ src, const long long* __restrict__ row_starts,
                                      unsigned char* __restrict__ codes, float* __restrict__ scales,
-                                     long long total, long long rows, long long width, long long nb)
+                                     long long total, long long rows, long long width, long long nb, long long blk)
 {
     __shared__ float wmax[32];
     const long long b = blockIdx.x;
     if (b >= total) return;
     const long long p = b / (rows * nb), rem = b % (rows * nb);
     const long long r = rem / nb, c = rem % nb;
-    const long long col = c * blockDim.x + threadIdx.x;
-    const bool valid = col < width;
+    /* blk columns per quantization block; the launch rounds threads up to whole warps */
+    const long long col = c * blk + threadIdx.x;
+    const bool valid = threadIdx.x < blk && col < width;
     const long long e = r * width + col;
     float x = 0.0f;
     if (valid) x = __uint_as_float(((unsigned int)src[row_starts[p * rows + r] + col]) << 16);
@@ -83,11 +84,11 @@ def quantize_runs_gpu(src_ptr: int, row_starts: np.ndarray, rows: int, width: in
     on ``stream``: ``src_ptr`` points at bf16 elements (``row_starts``, one per
     row of every piece, are element offsets from it), ``codes_ptr``/``scales_ptr``
     at the packed outputs.
-    ``block`` must be a multiple of 32, at most 1024."""
+    ``block`` (columns per scale) is 1..1024."""
     from ..gpu import _cupy
 
-    if block % 32 or not 32 <= block <= 1024:
-        raise ValueError(f"block must be a multiple of 32 in 32..1024 on the GPU, got {block}")
+    if type(block) is not int or not 1 <= block <= 1024:
+        raise ValueError(f"block must be an int in 1..1024 on the GPU, got {block!r}")
     cp = _cupy()
     starts = np.ascontiguousarray(row_starts, np.int64).reshape(-1)
     n = len(starts) // rows
@@ -100,6 +101,7 @@ def quantize_runs_gpu(src_ptr: int, row_starts: np.ndarray, rows: int, width: in
         # allocated, filled and (when dropped) freed in this stream's order: CuPy's pool
         # hands the memory out again only behind the kernel that reads it
         dstarts = cp.asarray(starts)
-        kernel(device)((int(total),), (block,), (np.uint64(src_ptr), dstarts, np.uint64(codes_ptr),
-                                                  np.uint64(scales_ptr), np.int64(total), np.int64(rows),
-                                                  np.int64(width), np.int64(nb)), stream=stream)
+        threads = -(-block // 32) * 32
+        kernel(device)((int(total),), (threads,), (np.uint64(src_ptr), dstarts, np.uint64(codes_ptr),
+                                                    np.uint64(scales_ptr), np.int64(total), np.int64(rows),
+                                                    np.int64(width), np.int64(nb), np.int64(block)), stream=stream)
