@@ -243,6 +243,10 @@ class GpuPath:
         self._polling = False
         self._staging: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
         self._events: dict[int, list[Any]] = {}
+        self._mapped_host: dict[int, int] = {}
+        #: page lists: the kernel reads its arguments and indices straight from
+        #: pinned host memory instead of a device copy made first
+        self.mapped_args = False
 
     # -- where to write ------------------------------------------------------
 
@@ -320,12 +324,26 @@ class GpuPath:
             # a reused pinned buffer (a pageable copy would stall until the stream drains).
             nbytes = PageLauncher.nbytes(n)
             stage = self._stage(device, nbytes)
-            dev = stage[1].data.ptr
-            PageLauncher.pack(stage[0], dev, region.address + off, self._target(dst, device), sidx, didx, page,
+            PageLauncher.pack(stage[0], 0, region.address + off, self._target(dst, device), sidx, didx, page,
                               sstride, dstride)
-            cp.cuda.runtime.memcpyAsync(dev, stage[0].ptr, nbytes, 1, stream.ptr)  # host to device
+            if self.mapped_args:  # the kernel reads them from pinned host memory
+                dev = self._host_mapped(stage[0].ptr)
+            else:
+                dev = stage[1].data.ptr
+                cp.cuda.runtime.memcpyAsync(dev, stage[0].ptr, nbytes, 1, stream.ptr)  # host to device
             launcher.launch(stream.ptr, dev, n, page)
         return self._after(device, stream, region, dst, imm, n, (device, stage), n * page)
+
+    def _host_mapped(self, host: int) -> int:
+        """The device's address of pinned host memory at ``host``."""
+        dev = self._mapped_host.get(host)
+        if dev is None:
+            out = ctypes.c_uint64()
+            rc = _libcuda().cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host), 0)
+            if rc:
+                raise FabricError(f"cuMemHostGetDevicePointer failed with CUDA error {rc}")
+            dev = self._mapped_host[host] = out.value
+        return dev
 
     def _stage(self, device: int, nbytes: int) -> tuple[Any, Any]:
         """A pinned host buffer and a device buffer of at least ``nbytes``,

@@ -10,10 +10,12 @@ __all__ = ["check_pages"]
 
 
 def _indices(name: str, value: Any) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == np.int64 and value.ndim == 1 and value.flags.c_contiguous:
+        return value  # the common case, without numpy's slower type queries
     arr = np.asarray(value)
     if arr.size == 0 and arr.ndim == 1:
         return np.zeros(0, dtype=np.int64)  # [] arrives as float64
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, not {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")

@@ -121,11 +121,13 @@ async def test_register_cupy_torch_and_dlpack():
 
 @pytest.mark.gpu
 @gpu
-async def test_nvlink_write_and_pages_in_one_process(loop_errors):
+@pytest.mark.parametrize("mapped_args", [False, True], ids=["uploaded-args", "mapped-args"])
+async def test_nvlink_write_and_pages_in_one_process(mapped_args, loop_errors):
     import cupy as cp
 
     s_dev, d_dev = _pair()
     async with af.open_engine(PROVIDER) as a, af.open_engine(PROVIDER) as b:
+        a._gpu_path().mapped_args = mapped_args
         with cp.cuda.Device(s_dev):
             src = cp.random.default_rng(1).integers(0, 256, 64 << 20, dtype=cp.uint8)
         with cp.cuda.Device(d_dev):
@@ -152,7 +154,7 @@ async def test_nvlink_write_and_pages_in_one_process(loop_errors):
         with cp.cuda.Device(d_dev):
             got = cp.asnumpy(dst)
         want = cp.asnumpy(src)
-        for k in (0, 1, n // 2, n - 1):
+        for k in range(n):
             s0, d0 = int(sidx[k]) * 20480, int(didx[k]) * 24576
             assert np.array_equal(got[d0 : d0 + page], want[s0 : s0 + page]), k
         written = np.zeros(len(got), bool)
