@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 
-__all__ = ["host_identity", "process_start", "process_alive"]
+__all__ = ["host_identity", "process_start", "process_alive", "remove_stale_shm_regions"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,3 +62,45 @@ def process_alive(pid: int, start: int) -> bool:
             return True
         return True  # exists but /proc unreadable: assume it is the same one
     return start == 0 or now == start
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def remove_stale_shm_regions(shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove libfabric shm regions that carry this process's pid but are
+    older than this process; return their names.
+
+    libfabric's shm provider names an endpoint's region ``<pid>:<n>:<k>`` and
+    unlinks it only when the endpoint closes, so a SIGKILLed process leaves
+    its regions behind.  When the pid comes round again, the new process
+    cannot create its own region (``fi_enable``: EBUSY).  A region modified
+    before this process started cannot be ours: its owner is gone (it held
+    the pid before us)."""
+    pid = os.getpid()
+    start = process_start(pid)
+    if start <= 0:
+        return []
+    try:
+        started = _boot_time() + start / os.sysconf("SC_CLK_TCK")
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    pattern = re.compile(rf"{pid}:\d+:\d+")
+    removed = []
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            if os.stat(path).st_mtime < started - 0.02:  # start times have 10 ms ticks
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            continue
+    return removed

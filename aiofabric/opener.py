@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ipaddress
 from dataclasses import fields
 from typing import Any
@@ -10,6 +11,7 @@ from ._lib import check, ffi, lib
 from .config import NATIVE_FIELDS, EngineConfig
 from .engine import TransferEngine
 from .errors import UnavailableError
+from .liveness import remove_stale_shm_regions
 from .providers import default_provider
 
 __all__ = ["open_engine"]
@@ -51,6 +53,19 @@ class _Opener:
     async def __aexit__(self, *exc: object) -> None:
         assert self._engine is not None
         await self._engine.aclose()
+
+
+_swept_pid = 0
+
+
+def _sweep_shm() -> None:
+    """Before this process's first shm engine: remove regions that a killed
+    process with our pid left behind (its shm would refuse to start, EBUSY;
+    a failed start touches the region, so this cannot wait for the error)."""
+    global _swept_pid
+    if _swept_pid != os.getpid():
+        _swept_pid = os.getpid()
+        remove_stale_shm_regions()
 
 
 def open_engine(provider: str | None = None, nics: list[str] | None = None,
@@ -116,6 +131,8 @@ def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[
             setattr(cfg, f.name, int(getattr(config, f.name)))
     out = ffi.new("afc_engine **")
     err = ffi.new("char[]", 512)
+    if provider == "shm":
+        _sweep_shm()
     rc = lib.afc_open(cfg, out, err, 512)
     if rc:
         text = ffi.string(err).decode(errors="replace")

@@ -40,7 +40,6 @@ DM = HEADS * HEAD_DIM
 NUM_BLOCKS = 256  # per server: 64 MiB of fp16 KV cache
 LAYOUT = KVLayout.vllm_flash_attn(LAYERS, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM, itemsize=2)
 HIDDEN_BYTES = DM * 4
-SETTINGS = dict(spin_us=int(os.environ.get("SPIN_US", "20000")), wait_spin_us=int(os.environ.get("SPIN_US", "20000")))
 
 
 def pack(d):
@@ -110,7 +109,7 @@ def prefill_main(provider: str, decoder: bytes, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider, **SETTINGS) as eng:
+        async with af.open_engine(provider) as eng:
             region = eng.register(buf, remote_write=False)
             async with KVPrefill(eng, LAYOUT, region, hidden_bytes=HIDDEN_BYTES) as pre:
                 await pre.join(af.Address.from_bytes(decoder))   # registration by message
@@ -160,7 +159,7 @@ def decode_main(provider: str, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider, **SETTINGS) as eng:
+        async with af.open_engine(provider) as eng:
             async with KVDecoder(eng, LAYOUT, eng.register(buf), hidden_bytes=HIDDEN_BYTES) as dec:
                 conn.send(eng.address.to_bytes())
                 stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
@@ -232,7 +231,7 @@ async def client(provider: str, lengths: list[int], repeats: int, png: str) -> i
     rng = np.random.default_rng(1)
     results, timelines, tokens = {}, {}, {}
     bad = 0
-    async with af.open_engine(provider, **SETTINGS) as eng:
+    async with af.open_engine(provider) as eng:
         try:
             plan = [(64, True, "warmup")] + [(n, s, r) for r in range(repeats) for n in lengths for s in (True, False)]
             for rid, (n, stream, rep) in enumerate(plan):
@@ -278,12 +277,12 @@ async def client(provider: str, lengths: list[int], repeats: int, png: str) -> i
     print(f"  compute {1e3 * comp:.1f} ms in all ({big * 1e0 / comp:.0f} prompt tokens/s); KV {kv_bytes / 2**20:.1f} MiB, "
           f"writes busy {1e3 * xfer:.1f} ms ({kv_bytes / xfer / 1e9:.2f} GB/s per layer write)")
     print("\ntime to first token (client send -> first token back), median of repeats:")
-    print(" tokens  KV MiB  streaming ms  not streaming ms  saved ms")
+    print(" tokens  KV MiB  streaming ms  not streaming ms  saved ms  streaming/not")
     for n in lengths:
         s = np.median([v[3] for _, v in runs if v[0] == n and v[1]])
         ns = np.median([v[3] for _, v in runs if v[0] == n and not v[1]])
         mib = LAYERS * 2 * LAYOUT.blocks_for(n) * LAYOUT.page_size / 2**20
-        print(f" {n:>6}  {mib:6.1f}  {1e3 * s:12.1f}  {1e3 * ns:16.1f}  {1e3 * (ns - s):8.1f}")
+        print(f" {n:>6}  {mib:6.1f}  {1e3 * s:12.1f}  {1e3 * ns:16.1f}  {1e3 * (ns - s):8.1f}  {s / ns:13.3f}")
     try:
         import matplotlib
         matplotlib.use("Agg")
