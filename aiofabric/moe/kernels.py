@@ -135,21 +135,66 @@ __device__ __forceinline__ int expert_at(const void* idx, int idx64, long long i
     return (e >= 0 && e < E) ? (int)e : -1;
 }
 
-/* channels 8c..8c+7 of a row of BF16 bits or float32, as floats (16-byte loads) */
-__device__ __forceinline__ void load8(const void* row, int bf16, long long c, float* v)
+/* 8 channels as floats from their raw 16 (BF16 bits) or 32 (float32) bytes */
+__device__ __forceinline__ void unpack8(const uint4* q, int bf16, float* v)
 {
     if (bf16) {
-        const uint4 q = ((const uint4*)row)[c];
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
+        const u32 w[4] = {q[0].x, q[0].y, q[0].z, q[0].w};
         for (int i = 0; i < 4; ++i) {
             v[2 * i] = bf16_f32((u16)(w[i] & 0xffffu));
             v[2 * i + 1] = bf16_f32((u16)(w[i] >> 16));
         }
     } else {
-        const uint4 a = ((const uint4*)row)[2 * c], b = ((const uint4*)row)[2 * c + 1];
-        const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        const u32 w[8] = {q[0].x, q[0].y, q[0].z, q[0].w, q[1].x, q[1].y, q[1].z, q[1].w};
         for (int i = 0; i < 8; ++i)
             v[i] = __uint_as_float(w[i]);
+    }
+}
+
+/* channels 8c..8c+7 of a row of BF16 bits or float32, as floats (16-byte loads) */
+__device__ __forceinline__ void load8(const void* row, int bf16, long long c, float* v)
+{
+    uint4 q[2];
+    if (bf16) {
+        q[0] = ((const uint4*)row)[c];
+    } else {
+        q[0] = ((const uint4*)row)[2 * c];
+        q[1] = ((const uint4*)row)[2 * c + 1];
+    }
+    unpack8(q, bf16, v);
+}
+
+/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7,
+ * slot by slot in slot order (float32 multiply, then add); the loads of
+ * eight (BF16) or four (float32) slots are in flight at once, kept raw */
+template <int YBF16>
+__device__ __forceinline__ void partial8(const void* y, long long cap, int H, int k, const int* se, const int* sp,
+                                         const float* sw, long long c, float* acc)
+{
+    const int NB = YBF16 ? 8 : 4;  /* 128 bytes of loads in flight per lane */
+    for (int j0 = 0; j0 < k; j0 += NB) {
+        uint4 q[NB][YBF16 ? 1 : 2];
+        for (int jj = 0; jj < NB; ++jj) {
+            const int j = j0 + jj;
+            if (j < k && se[j] >= 0) {
+                const long long at = ((long long)se[j] * cap + sp[j]) * H;
+                if (YBF16) {
+                    q[jj][0] = ((const uint4*)((const u16*)y + at))[c];
+                } else {
+                    q[jj][0] = ((const uint4*)((const float*)y + at))[2 * c];
+                    q[jj][YBF16 ? 0 : 1] = ((const uint4*)((const float*)y + at))[2 * c + 1];
+                }
+            }
+        }
+        for (int jj = 0; jj < NB; ++jj) {
+            const int j = j0 + jj;
+            if (j < k && se[j] >= 0) {
+                float v[8];
+                unpack8(q[jj], YBF16, v);
+                for (int i = 0; i < 8; ++i)
+                    acc[i] = __fadd_rn(acc[i], __fmul_rn(sw[j], v[i]));
+            }
+        }
     }
 }
 
@@ -532,23 +577,10 @@ extern "C" __global__ void moe_combine_send(
             float acc[8];
             for (int q = 0; q < 8; ++q)
                 acc[q] = 0.0f;
-            for (int j0 = 0; j0 < k; j0 += 8) {  /* eight slots' loads in flight, then the sums in slot order */
-                float v[8][8];
-                for (int jj = 0; jj < 8; ++jj) {
-                    const int j = j0 + jj;
-                    if (j < k && se[j] >= 0) {
-                        const long long at = ((long long)se[j] * cap + sp[j]) * H;
-                        load8(y_bf16 ? (const void*)((const u16*)y + at) : (const void*)((const float*)y + at), y_bf16,
-                              c, v[jj]);
-                    }
-                }
-                for (int jj = 0; jj < 8; ++jj) {
-                    const int j = j0 + jj;
-                    if (j < k && se[j] >= 0)
-                        for (int q = 0; q < 8; ++q)
-                            acc[q] = __fadd_rn(acc[q], __fmul_rn(sw[j], v[jj][q]));
-                }
-            }
+            if (y_bf16)
+                partial8<1>(y, cap, H, k, se, sp, sw, c, acc);
+            else
+                partial8<0>(y, cap, H, k, se, sp, sw, c, acc);
             store8(dst + (long long)i * H * esz, out_bf16, c, acc);
         }
         __syncthreads();
