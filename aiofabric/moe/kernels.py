@@ -360,22 +360,22 @@ extern "C" __global__ void moe_dispatch_send(
             for (int i = tid; i < E + ranks; i += B)
                 hist[i] = 0;
             __syncthreads();
-            for (int i = tid; i < T * k; i += B) {
-                const int tt = i / k, j = i - tt * k;
-                const int e = expert_at(idx, idx64, i, E);
-                if (e < 0)
-                    continue;
-                int first_e = 1, first_r = 1;
-                for (int j2 = 0; j2 < j; ++j2) {
-                    const int e2 = expert_at(idx, idx64, (long long)tt * k + j2, E);
-                    first_e &= e2 != e;
-                    first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+            for (int tt = tid; tt < T; tt += B)  /* a thread per token: its row's ids stay in L1 */
+                for (int j = 0; j < k; ++j) {
+                    const int e = expert_at(idx, idx64, (long long)tt * k + j, E);
+                    if (e < 0)
+                        continue;
+                    int first_e = 1, first_r = 1;
+                    for (int j2 = 0; j2 < j; ++j2) {
+                        const int e2 = expert_at(idx, idx64, (long long)tt * k + j2, E);
+                        first_e &= e2 != e;
+                        first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                    }
+                    if (first_e)
+                        atomicAdd(&hist[e], 1);
+                    if (first_r)
+                        atomicAdd(&rows[e / epr], 1);
                 }
-                if (first_e)
-                    atomicAdd(&hist[e], 1);
-                if (first_r)
-                    atomicAdd(&rows[e / epr], 1);
-            }
             __syncthreads();
             const int words = 2 + epr;
             for (int i = tid; i < ranks * words; i += B) {
