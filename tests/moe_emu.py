@@ -92,6 +92,7 @@ static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4);
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline int __float2int_rn(float a) { return (int)nearbyintf(a); }  /* default mode: to nearest even */
 """
 
 LAUNCHER = r"""

@@ -235,3 +235,41 @@ async def test_gpu_kernels_many_tokens_and_blocks():
         ds, outs = run_round(eps, seed)
         for r in range(cfg.ranks):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+
+
+@pytest.mark.parametrize("in_dtype", [np.float32, np.uint16])
+async def test_pack_fp8_every_code_and_tie(in_dtype):
+    """moe_pack's FP8 codes against numerics on every code, the midpoints
+    between codes (ties to even), one float32 ulp either side, subnormals,
+    saturation, signed zeros and infinities; each 128-group leads with 448
+    so its scale is 1."""
+    from aiofabric.moe import numerics, reference
+
+    pos = numerics.fp8_decode(np.arange(127, dtype=np.uint8)).astype(np.float32)
+    mids = ((pos[:-1].astype(np.float64) + pos[1:]) / 2).astype(np.float32)
+    vals = np.concatenate([pos, mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(1000)),
+                           np.float32([448, 460, 464, 470, 1e9, np.inf, 2.0 ** -10, 2.0 ** -11, 3 * 2.0 ** -10,
+                                       1e-30, 0.0, 0.015625, 0.0156249])])
+    vals = np.concatenate([vals, -vals])
+    if in_dtype == np.uint16:  # BF16 inputs: the values BF16 can hold
+        vals = numerics.bf16_to_f32(numerics.f32_to_bf16(vals))
+    per = 127
+    groups = -(-len(vals) // per)
+    x = np.zeros((groups, 128), np.float32)
+    x[:, 0] = 448.0
+    flat = np.zeros(groups * per, np.float32)
+    flat[:len(vals)] = vals
+    x[:, 1:] = np.minimum(np.abs(flat.reshape(groups, per)), 448) * np.sign(flat.reshape(groups, per))
+    x[:, 1:] = np.where(np.signbit(flat.reshape(groups, per)) & (x[:, 1:] == 0), np.float32(-0.0), x[:, 1:])
+    x = x.reshape(1, -1)
+    xin = numerics.f32_to_bf16(x) if in_dtype == np.uint16 else x
+    H = x.shape[1]
+    cfg = MoEConfig(2, 1, H, 1, 1, mode="fp8")
+    b = moe_emu.EmuBackend(moe_emu.build())
+    stride = cfg.row_bytes - cfg.header_bytes
+    packed = np.zeros((1, stride), np.uint8)
+    b.launch("moe_pack", (1, 2), 64, (b.ptr(xin), in_dtype == np.uint16, 1, H, 1, b.ptr(packed), stride))
+    codes, scales = reference.encode_tokens(xin, "fp8")
+    assert np.array_equal(packed[0, H:H + cfg.scale_bytes].view(np.float32), scales.reshape(-1))
+    assert (scales == 1).all()
+    assert np.array_equal(packed[0, :H], codes.reshape(-1))

@@ -2,7 +2,7 @@
 
 They write the same bytes as layout.py and compute the same numbers as
 reference.py: BF16 and FP8 E4M3 rounding to nearest even (FP8 saturating,
-found by binary search over the 127 positive codes, as numerics.py does),
+rounded on the float32 bits; numerics.py searches the codes, same result),
 float32 sums with explicit ``__fmul_rn``/``__fadd_rn`` (no fused
 multiply-add) in the reference's order.
 
@@ -86,28 +86,25 @@ __device__ __forceinline__ u16 f32_bf16(float f)
     return (u16)((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
 }
 
-/* value of the positive E4M3 code c (0..126): exact products by powers of two */
-__device__ __forceinline__ float e4m3_val(int c)
-{
-    const int e = c >> 3, m = c & 7;
-    return e == 0 ? (float)m * __uint_as_float(118u << 23)           /* m * 2^-9 */
-                  : (float)(8 + m) * __uint_as_float((u32)(e + 117) << 23); /* (8+m) * 2^(e-10) */
-}
-
+/* float -> E4M3 code: nearest value, ties to the even code, saturating at
+ * +-448, NaN -> 0x7f with the sign (numerics.fp8_encode) */
 __device__ __forceinline__ u8 f32_e4m3(float x)
 {
     const u32 sign = (__float_as_uint(x) >> 31) ? 0x80u : 0u;
     if (x != x)
         return (u8)(0x7fu | sign);
     const float a = fminf(fabsf(x), 448.0f);
-    int lo = 0, hi = 126;                 /* first code whose value >= a */
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (e4m3_val(mid) >= a) hi = mid; else lo = mid + 1;
+    u32 code;
+    if (a < 0.015625f) {
+        /* below the smallest normal (2^-6): codes 0..8 in steps of 2^-9; the
+         * product is exact, the conversion rounds to nearest even */
+        code = (u32)__float2int_rn(a * 512.0f);
+    } else {
+        /* keep 3 mantissa bits, ties to even (a carry moves into the
+         * exponent); rebias 127 -> 7.  a <= 448 (code 126) never rounds up past it */
+        const u32 u = __float_as_uint(a);
+        code = ((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (120u << 3);
     }
-    const int h = lo, l = h > 0 ? h - 1 : 0;
-    const float dl = a - e4m3_val(l), dh = e4m3_val(h) - a;   /* exact (Sterbenz) */
-    const int code = (dh < dl || (dh == dl && (h & 1) == 0)) ? h : l;
     return (u8)(code | sign);
 }
 
