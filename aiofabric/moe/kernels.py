@@ -394,9 +394,11 @@ extern "C" __global__ void moe_dispatch_send(
             sd[j] = 0;
         }
         __syncthreads();
-        for (int t2 = tid; t2 < t; t2 += B) {
+        const int lane = tid & 31;
+        for (int base = 0; base < t; base += B) {  /* a thread per earlier token, counts added up per warp */
+            const int t2 = base + tid;
             u64 pm = 0, dm = 0;
-            for (int j2 = 0; j2 < k; ++j2) {
+            for (int j2 = 0; t2 < t && j2 < k; ++j2) {
                 const int e2 = expert_at(idx, idx64, (long long)t2 * k + j2, E);
                 if (e2 < 0)
                     continue;
@@ -409,10 +411,12 @@ extern "C" __global__ void moe_dispatch_send(
                 }
             }
             for (int j = 0; j < k; ++j) {
-                if ((pm >> j) & 1ull)
-                    atomicAdd(&sp[j], 1);
-                if ((dm >> j) & 1ull)
-                    atomicAdd(&sd[j], 1);
+                const int np = __popc(__ballot_sync(0xffffffffu, (int)((pm >> j) & 1ull)));
+                const int nr = __popc(__ballot_sync(0xffffffffu, (int)((dm >> j) & 1ull)));
+                if (lane == 0 && np)
+                    atomicAdd(&sp[j], np);
+                if (lane == 0 && nr)
+                    atomicAdd(&sd[j], nr);
             }
         }
         if (tid == 0) {  /* the destinations: the first slot of each rank */
