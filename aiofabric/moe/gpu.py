@@ -330,10 +330,10 @@ class FabricGpuExpertParallel:
         self.host._check_state("idle", "dispatch_send")
         idx = layout.check_routing("topk_idx", b.to_host(topk_idx), c.num_experts, t, c.topk)
         w = layout.check_weights("topk_weights", b.to_host(topk_weights), idx.shape)
+        if t and b.ptr(x) % 16:
+            raise ValueError("x must be 16-byte aligned (the kernels load 16 bytes at a time)")
         if t:
             b.begin()
-            if b.ptr(x) % 16:
-                raise ValueError("x must be 16-byte aligned")
             b.launch("moe_pack", (t, max(1, -(-(c.hidden // 8) // THREADS))), THREADS,
                      (b.ptr(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode], b.ptr(self._packed), self._body_pad))
         body = b.to_host(self._packed[:t])[:, :c.payload_bytes + c.scale_bytes]
