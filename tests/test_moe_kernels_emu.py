@@ -235,6 +235,8 @@ async def test_gpu_kernels_many_tokens_and_blocks():
         ds, outs = run_round(eps, seed)
         for r in range(cfg.ranks):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+    # one kernel per call, nothing else queued
+    assert eps[0]._b.launches == ["moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv"] * 2
 
 
 @pytest.mark.parametrize("in_dtype", [np.float32, np.uint16])
