@@ -275,3 +275,30 @@ async def test_pack_fp8_every_code_and_tie(in_dtype):
     assert np.array_equal(packed[0, H:H + cfg.scale_bytes].view(np.float32), scales.reshape(-1))
     assert (scales == 1).all()
     assert np.array_equal(packed[0, :H], codes.reshape(-1))
+
+
+async def test_duplicate_expert_without_validation_gets_the_token_once():
+    """validate=False: an expert named twice in a row receives the token once,
+    and combine adds both weighted outputs in slot order."""
+    cfg = MoEConfig(4, 2, 128, 3, 2, mode="float32", combine_dtype="float32")
+    eps = group(cfg, validate=False)
+    rng = np.random.default_rng(3)
+    x = [rng.standard_normal((2, 128)).astype(np.float32) for _ in range(2)]
+    idx = [np.array([[1, 1, 2], [-1, -1, -1]], np.int64), np.zeros((0, 3), np.int64)]
+    w = [np.float32([[0.25, 0.5, 0.125], [1, 1, 1]]), np.zeros((0, 3), np.float32)]
+    x[1] = x[1][:0]
+    for r, ep in enumerate(eps):
+        ep.dispatch_send(x[r], idx[r], w[r])
+    ds = [ep.dispatch_recv() for ep in eps]
+    assert list(ds[0].counts) == [0, 1] and list(ds[1].counts) == [1, 0]
+    assert np.array_equal(ds[0].x[1, 0], x[0][0]) and np.array_equal(ds[1].x[0, 0], x[0][0])
+    for ep, d in zip(eps, ds):
+        ep.combine_send(np.ascontiguousarray(d.x * np.float32(2)))
+    outs = [ep.combine_recv().copy() for ep in eps]
+    for ep in eps:
+        ep.synchronize()
+    y = x[0][0] * np.float32(2)
+    p0 = np.float32(0.25) * y + np.float32(0.5) * y  # rank 0's partial, slot order
+    p1 = np.float32(0.125) * y
+    assert np.array_equal(outs[0][0], p0 + p1)
+    assert not outs[0][1].any() and outs[1].shape == (0, 128)
