@@ -18,7 +18,15 @@ split sizes known in advance; it gets no routing, packing, count exchange or
 reduction, so it is a lower bound for an NCCL-based MoE layer.
 
     python -m benchmarks.moe_latency [--iters 1000] [--warmup 50] [--ep 2 4] [--tokens 1 32 128]
-                                     [--no-nccl] [--json out.json]
+                                     [--no-nccl] [--breakdown] [--json out.json]
+
+``--breakdown`` also records a CUDA event between the send and receive
+kernels of each phase and prints, per stage, the p50/p99 of the slowest rank:
+``dispatch_send`` (routing, quantisation, stores into the peers, flags),
+``dispatch_recv`` (waiting for the peers' flags, then expanding the rows per
+expert), ``combine_send`` (weighted partial sums stored into the sources),
+``combine_recv`` (waiting, then the sum over ranks).  The phase totals are
+measured the same way with or without it.
 """
 from __future__ import annotations
 
@@ -68,9 +76,9 @@ def _problem(ep: int, tokens: int, rank: int) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-          nccl: bool, conn) -> None:
+          nccl: bool, conn, breakdown: bool = False) -> None:
     try:
-        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl)))
+        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -78,7 +86,7 @@ def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int],
 
 
 def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-               nccl: bool) -> dict:
+               nccl: bool, breakdown: bool = False) -> dict:
     import cupy as cp
 
     from aiofabric.moe import MoEConfig
@@ -131,23 +139,28 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     moe.connect(infos)
     stream = moe._b.stream
     y = cp.zeros((cfg.experts_per_rank, cfg.capacity, HIDDEN), cp.uint16)
-    ev = [cp.cuda.Event() for _ in range(4)]
+    ev = [cp.cuda.Event() for _ in range(6)]  # 4, 5: between the send and receive kernels (--breakdown)
     step = int(flags[8 + rank])  # phases continue across configs
     out: dict = {}
     for tokens in tokens_list:
         x_h, idx_h, w_h = _problem(ep, tokens, rank)
         x, idx, w = cp.asarray(x_h), cp.asarray(idx_h[rank]), cp.asarray(w_h)
         ours_d, ours_c = [], []
+        stages: dict = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
         for it in range(warmup + iters):
             step += 2
             gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=stream)
             ev[0].record(stream)
             moe.dispatch_send(x, idx, w)
+            if breakdown:
+                ev[4].record(stream)
             moe.dispatch_recv()
             ev[1].record(stream)
             gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=stream)
             ev[2].record(stream)
             moe.combine_send(y)
+            if breakdown:
+                ev[5].record(stream)
             moe.combine_recv()
             ev[3].record(stream)
             sync_point(step - 1)
@@ -157,8 +170,14 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
             if it >= warmup:
                 ours_d.append(cp.cuda.get_elapsed_time(ev[0], ev[1]) * 1e3)
                 ours_c.append(cp.cuda.get_elapsed_time(ev[2], ev[3]) * 1e3)
+                if breakdown:
+                    for key, a, b in (("dispatch_send", 0, 4), ("dispatch_recv", 4, 1), ("combine_send", 2, 5),
+                                      ("combine_recv", 5, 3)):
+                        stages[key].append(cp.cuda.get_elapsed_time(ev[a], ev[b]) * 1e3)
         moe.synchronize()
         res = {"aiofabric_dispatch_us": ours_d, "aiofabric_combine_us": ours_c}
+        if breakdown:
+            res.update({f"stage_{k}_us": v for k, v in stages.items()})
         if nccl:
             try:
                 res.update(_nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup))
@@ -227,7 +246,8 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
     return {"nccl_dispatch_us": nd, "nccl_combine_us": nc, "rows_sent": [int(v) for v in rows[rank]], "step": step}
 
 
-def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float) -> dict:
+def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float,
+           breakdown: bool = False) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -241,7 +261,7 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
     procs, conns = [], []
     for r in range(ep):
         here, there = ctx.Pipe()
-        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there),
+        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown),
                         daemon=True)
         p.start()
         procs.append(p)
@@ -302,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--no-nccl", action="store_true", help="skip the torch.distributed baseline")
     ap.add_argument("--limit", type=float, default=300, help="seconds allowed per EP size")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each kernel (send, receive) of each phase with CUDA events")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -316,17 +338,20 @@ def main(argv: list[str] | None = None) -> int:
             print("torch is not installed: no NCCL baseline")
             nccl = False
     eps = [e for e in args.ep if 2 <= e <= n]
+    for e in args.ep:
+        if e not in eps:
+            print(f"EP{e} skipped: needs 2 <= EP <= the {n} visible GPUs")
     out = {"benchmark": "moe_latency", "card": card, "gpus": n, "commit": _commit(), "host": platform.node(),
            "shape": {"hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "dispatch": "fp8 e4m3 + f32 scale/128",
                      "combine": "bf16"},
-           "iters": args.iters, "warmup": args.warmup, "rows": []}
+           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "rows": []}
     if not eps:
         print(f"needs 2 or more GPUs for EP{args.ep}, found {n}")
         return 1
     failed = []
     for ep in eps:
         try:
-            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit)
+            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown)
         except (RuntimeError, TimeoutError) as e:
             print(f"EP{ep} failed: {e}")
             failed.append({"ep": ep, "error": str(e)})
@@ -357,6 +382,16 @@ def print_table(out: dict) -> None:
             ratio = f"{b['p50'] / a['p50']:9.2f}" if b else f"{'-':>9}"
             print(f"{row['ep']:>3} {row['tokens']:>6} | {op:>8} | {a['p50']:13.1f} {a['p99']:7.1f} | {nccl_s} | "
                   f"{ratio}")
+    stages = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+    if any(f"stage_{k}_us" in row for row in out["rows"] for k in stages):
+        print("per kernel (slowest rank per iteration, p50 / p99 us; *_recv includes waiting for the peers)")
+        print(f"{'EP':>3} {'tokens':>6} | " + " | ".join(f"{k:>17}" for k in stages))
+        for row in out["rows"]:
+            cells = []
+            for k in stages:
+                v = row.get(f"stage_{k}_us")
+                cells.append(f"{v['p50']:8.1f} {v['p99']:8.1f}" if v else f"{'-':>17}")
+            print(f"{row['ep']:>3} {row['tokens']:>6} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ PRELUDE = r"""
 typedef unsigned long long u64;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
 static std::barrier<>* emu_bar;
@@ -60,9 +61,20 @@ static inline unsigned __ballot_sync(unsigned, int pred)
     emu_warp_bars[w]->arrive_and_wait();
     return m;
 }
+static float emu_lanes[32][32];
+static inline float __shfl_xor_sync(unsigned, float v, int m)
+{
+    const unsigned w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    emu_lanes[w][l] = v;
+    emu_warp_bars[w]->arrive_and_wait();
+    const float r = emu_lanes[w][l ^ (unsigned)m];
+    emu_warp_bars[w]->arrive_and_wait();
+    return r;
+}
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline int atomicCAS(int* p, int cmp, int v)
 {
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
@@ -80,6 +92,7 @@ static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4);
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline int __float2int_rn(float a) { return (int)nearbyintf(a); }  /* default mode: to nearest even */
 """
 
 LAUNCHER = r"""

@@ -27,3 +27,13 @@ def test_problem_shapes():
     assert x.dtype == np.uint16 and x.shape == (32, bench.HIDDEN)
     assert len(idx) == 4 and idx[0].shape == (32, bench.TOPK) and w.shape == (32, bench.TOPK)
     assert all((np.sort(i, axis=1)[:, 1:] != np.sort(i, axis=1)[:, :-1]).all() for i in idx)  # distinct experts
+
+
+def test_breakdown_table(capsys):
+    stage = {f"stage_{k}_us": [1.0, 2.0] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
+    res = [{32: {"aiofabric_dispatch_us": [3.0, 4.0], "aiofabric_combine_us": [3.0, 4.0], **stage}}] * 2
+    rows = bench.summarize(4, [32], res)
+    assert rows[32]["stage_combine_recv_us"]["iters"] == 2
+    bench.print_table({"card": "X", "gpus": 4, "iters": 2, "rows": [rows[32]]})
+    out = capsys.readouterr().out
+    assert "per kernel" in out and "dispatch_send" in out and "combine_recv" in out

@@ -169,24 +169,136 @@ async def test_fabric_gpu_path_equals_reference(loop_errors):
             await e.aclose()
 
 
-@pytest.mark.parametrize("T, ranks, epr, k, idx_dtype", [(100, 4, 16, 6, np.int64), (65, 3, 33, 8, np.int32),
-                                                         (0, 2, 2, 2, np.int64)])
-async def test_route_kernel_equals_layout_route(T, ranks, epr, k, idx_dtype):
-    """Several 32-token chunks and several warps per pass (the small rounds above use one of each)."""
+@pytest.mark.parametrize("T, ranks, epr, k, idx_dtype, threads", [(100, 4, 16, 6, np.int64, 32),
+                                                                  (65, 3, 33, 8, np.int32, 64),
+                                                                  (0, 2, 2, 2, np.int64, 32)])
+async def test_dispatch_send_routes_like_layout_route(T, ranks, epr, k, idx_dtype, threads):
+    """The in-kernel routing (each token's block counts over the tokens before
+    it; one block writes the metas) against layout.route, with many blocks,
+    masked slots and ids out of range (validate=False counts them as masked)."""
     from aiofabric.moe import layout
 
     cfg = MoEConfig(ranks * epr, ranks, 128, k, max(T, 1))
     rng = np.random.default_rng(T)
     idx = np.stack([rng.permutation(cfg.num_experts)[:k] for _ in range(T)]) if T else np.zeros((0, k), int)
-    idx = np.where(rng.random(idx.shape) < 0.2, -1, idx).astype(idx_dtype)
-    ep = group(MoEConfig(ranks * epr, ranks, 128, k, max(T, 1)))[0]
-    b, p = ep._b, ep._b.ptr
-    assert ep._route_threads == 32 * min(32, -(-cfg.num_experts // 32))
-    b.launch("moe_route", (1,), ep._route_threads,
-             (p(idx), idx.dtype == np.int64, T, k, epr, ranks, p(ep._idx32), p(ep._pos), p(ep._rowidx),
-              p(ep._nrows), p(ep._counts)))
-    want = layout.route(cfg, idx.astype(np.int32))
-    assert np.array_equal(ep._pos[:T * k].reshape(T, k), want.pos)
+    idx = np.where(rng.random(idx.shape) < 0.2, -1, idx)
+    bad = np.where(rng.random(idx.shape) < 0.05, cfg.num_experts + 3, idx).astype(idx_dtype)
+    lib = moe_emu.build()
+    eps = [GpuExpertParallel(None, r, cfg, backend=moe_emu.EmuBackend(lib), threads=threads, timeout=0.3,
+                             validate=False) for r in range(ranks)]
+    infos = [ep.info() for ep in eps]
+    for ep in eps:
+        ep.connect(infos)
+    x = rng.standard_normal((T, 128)).astype(np.float32)
+    eps[1].dispatch_send(x, bad, np.ones((T, k), np.float32))
+    want = layout.route(cfg, np.where(bad >= cfg.num_experts, -1, bad).astype(np.int32))
+    ep = eps[1]
+    assert ep._b.launches == ["moe_dispatch_send"]  # one launch for the whole send half
     assert np.array_equal(ep._rowidx[:T * ranks].reshape(T, ranks), want.rowidx)
     assert np.array_equal(ep._nrows, want.rows)
-    assert np.array_equal(ep._counts.reshape(ranks, epr), want.counts)
+    mdt = layout.meta_dtype(cfg)
+    hdt = layout.header_dtype(cfg)
+    for r in range(ranks):
+        inbox = eps[r].inbox
+        meta = inbox[cfg.meta_offset:cfg.meta_offset + ranks * cfg.meta_bytes].view(mdt)[1]
+        assert meta["seq"] == 1 and meta["rows"] == want.rows[r]
+        assert np.array_equal(meta["count"], want.counts[r])
+        flag = int(inbox[:8 * ranks].view(np.uint64)[1])
+        assert flag == (1 << 32 | int(want.rows[r]))
+        rows = inbox[cfg.drows_offset:cfg.crows_offset].reshape(ranks, cfg.max_tokens, cfg.row_bytes)[1]
+        for t in range(T):
+            i = want.rowidx[t, r]
+            if i < 0:
+                continue
+            h = rows[i, :cfg.header_bytes].view(hdt)[0]
+            assert h["token"] == t
+            on = want.pos[t] >= 0
+            on &= np.where(bad[t] >= cfg.num_experts, -1, bad[t]) // epr == r
+            assert np.array_equal(h["pos"], np.where(on, want.pos[t], -1))
+            assert np.array_equal(h["expert"], np.where(on, bad[t] % epr, -1))
+            body = rows[i, cfg.header_bytes:cfg.header_bytes + cfg.payload_bytes].view(np.uint16)
+            from aiofabric.moe import reference
+            assert np.array_equal(body, reference.encode_tokens(x[t:t + 1], "bf16")[0][0])
+
+
+async def test_gpu_kernels_many_tokens_and_blocks():
+    """Several blocks per token (channel parts), tokens spread over many blocks."""
+    cfg = MoEConfig(12, 3, 1024, 5, 40, mode="fp8", combine_dtype="bf16")
+    lib = moe_emu.build()
+    eps = [GpuExpertParallel(None, r, cfg, backend=moe_emu.EmuBackend(lib), threads=64, timeout=0.3)
+           for r in range(cfg.ranks)]
+    infos = [ep.info() for ep in eps]
+    for ep in eps:
+        ep.connect(infos)
+    assert eps[0]._parts == 2
+    for seed in (11, 12):
+        ds, outs = run_round(eps, seed)
+        for r in range(cfg.ranks):
+            assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+    # one kernel per call, nothing else queued
+    assert eps[0]._b.launches == ["moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv"] * 2
+
+
+@pytest.mark.parametrize("in_dtype", [np.float32, np.uint16])
+async def test_pack_fp8_every_code_and_tie(in_dtype):
+    """moe_pack's FP8 codes against numerics on every code, the midpoints
+    between codes (ties to even), one float32 ulp either side, subnormals,
+    saturation, signed zeros and infinities; each 128-group leads with 448
+    so its scale is 1."""
+    from aiofabric.moe import numerics, reference
+
+    pos = numerics.fp8_decode(np.arange(127, dtype=np.uint8)).astype(np.float32)
+    mids = ((pos[:-1].astype(np.float64) + pos[1:]) / 2).astype(np.float32)
+    vals = np.concatenate([pos, mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(1000)),
+                           np.float32([448, 460, 464, 470, 1e9, np.inf, 2.0 ** -10, 2.0 ** -11, 3 * 2.0 ** -10,
+                                       1e-30, 0.0, 0.015625, 0.0156249])])
+    vals = np.concatenate([vals, -vals])
+    if in_dtype == np.uint16:  # BF16 inputs: the values BF16 can hold
+        vals = numerics.bf16_to_f32(numerics.f32_to_bf16(vals))
+    per = 127
+    groups = -(-len(vals) // per)
+    x = np.zeros((groups, 128), np.float32)
+    x[:, 0] = 448.0
+    flat = np.zeros(groups * per, np.float32)
+    flat[:len(vals)] = vals
+    x[:, 1:] = np.minimum(np.abs(flat.reshape(groups, per)), 448) * np.sign(flat.reshape(groups, per))
+    x[:, 1:] = np.where(np.signbit(flat.reshape(groups, per)) & (x[:, 1:] == 0), np.float32(-0.0), x[:, 1:])
+    x = x.reshape(1, -1)
+    xin = numerics.f32_to_bf16(x) if in_dtype == np.uint16 else x
+    H = x.shape[1]
+    cfg = MoEConfig(2, 1, H, 1, 1, mode="fp8")
+    b = moe_emu.EmuBackend(moe_emu.build())
+    stride = cfg.row_bytes - cfg.header_bytes
+    packed = np.zeros((1, stride), np.uint8)
+    b.launch("moe_pack", (1, 2), 64, (b.ptr(xin), in_dtype == np.uint16, 1, H, 1, b.ptr(packed), stride))
+    codes, scales = reference.encode_tokens(xin, "fp8")
+    assert np.array_equal(packed[0, H:H + cfg.scale_bytes].view(np.float32), scales.reshape(-1))
+    assert (scales == 1).all()
+    assert np.array_equal(packed[0, :H], codes.reshape(-1))
+
+
+async def test_duplicate_expert_without_validation_gets_the_token_once():
+    """validate=False: an expert named twice in a row receives the token once,
+    and combine adds both weighted outputs in slot order."""
+    cfg = MoEConfig(4, 2, 128, 3, 2, mode="float32", combine_dtype="float32")
+    eps = group(cfg, validate=False)
+    rng = np.random.default_rng(3)
+    x = [rng.standard_normal((2, 128)).astype(np.float32) for _ in range(2)]
+    idx = [np.array([[1, 1, 2], [-1, -1, -1]], np.int64), np.zeros((0, 3), np.int64)]
+    w = [np.float32([[0.25, 0.5, 0.125], [1, 1, 1]]), np.zeros((0, 3), np.float32)]
+    x[1] = x[1][:0]
+    for r, ep in enumerate(eps):
+        ep.dispatch_send(x[r], idx[r], w[r])
+    ds = [ep.dispatch_recv() for ep in eps]
+    assert list(ds[0].counts) == [0, 1] and list(ds[1].counts) == [1, 0]
+    assert np.array_equal(ds[0].x[1, 0], x[0][0]) and np.array_equal(ds[1].x[0, 0], x[0][0])
+    for ep, d in zip(eps, ds):
+        ep.combine_send(np.ascontiguousarray(d.x * np.float32(2)))
+    outs = [ep.combine_recv().copy() for ep in eps]
+    for ep in eps:
+        ep.synchronize()
+    y = x[0][0] * np.float32(2)
+    p0 = np.float32(0.25) * y + np.float32(0.5) * y  # rank 0's partial, slot order
+    p1 = np.float32(0.125) * y
+    assert np.array_equal(outs[0][0], p0 + p1)
+    assert not outs[0][1].any() and outs[1].shape == (0, 128)

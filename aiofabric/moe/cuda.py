@@ -17,9 +17,8 @@ __all__ = ["SIGNATURES", "THREADS", "CudaBackend", "kernel_args"]
 
 #: kernel parameter types: p pointer, i int32, q int64, u uint32, Q uint64
 SIGNATURES = {
-    "moe_route": "piiiiippppp",
     "moe_pack": "piiiipq",
-    "moe_dispatch_send": "pqpppppppiiiiiuqqqqqqip",
+    "moe_dispatch_send": "pipipiiipiiiiuqqqqqqippp",
     "moe_dispatch_recv": "piiiuqqqqqqqqippppppqQp",
     "moe_combine_send": "ppiqipiiiiuqppqqqiip",
     "moe_combine_recv": "ppiiiuqqiipQp",

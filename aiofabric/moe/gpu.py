@@ -77,22 +77,25 @@ class GpuExpertParallel:
         self.config = c = config
         self.timeout = float(timeout)
         self.validate = bool(validate)
-        self._threads = int(threads)
-        self._route_threads = 32 * max(1, min(32, (config.num_experts + 31) // 32))  # a warp per expert, <= 1024
+        if isinstance(threads, bool) or not isinstance(threads, int) or not (32 <= threads <= 1024 and threads % 32 == 0):
+            raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
+        if 4 * (config.num_experts + config.ranks) > 48 * 1024:
+            raise ValueError("num_experts + ranks must be <= 12288 on the GPU path (shared-memory histogram)")
+        self._threads = threads
         b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
         u8, i32 = np.uint8, np.int32
-        mt, k, ranks, epr = c.max_tokens, c.topk, c.ranks, c.experts_per_rank
-        self._body_pad = c.row_bytes - c.header_bytes
+        mt, ranks, epr = c.max_tokens, c.ranks, c.experts_per_rank
         self.inbox = b.zeros(c.inbox_bytes, u8)
-        self._idx32 = b.zeros(max(1, mt * k), i32)
-        self._pos = b.zeros(max(1, mt * k), i32)
-        self._rowidx = b.zeros(max(1, mt * ranks), i32)
-        self._nrows = b.zeros(ranks, i32)
-        self._counts = b.zeros(c.num_experts, i32)
-        self._packed = b.zeros((mt, self._body_pad), u8)
-        self._done_d = b.zeros(ranks, np.uint32)
+        self._rowidx = b.zeros(max(1, mt * ranks), i32)  # [T, ranks]: the token's row at each rank, -1 none
+        self._nrows = b.zeros(ranks, i32)                # rows sent to each rank (this round)
+        self._done_d = b.zeros(1, np.uint32)
         self._done_c = b.zeros(ranks, np.uint32)
         self._err = b.zeros(1, i32)
+        # launch shapes: chunks of 8 channels, blockDim.x of them per block
+        self._parts = max(1, -(-(c.hidden // 8) // threads))
+        warps = threads // 32
+        self._recv_y = max(1, min(-(-mt * c.topk // warps), max(1, 1024 // ranks)))
+        self._csend_y = max(1, min(mt * self._parts, max(1, 1024 // ranks)))
         self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
         self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
         self._peers = b.zeros(ranks, np.uint64)
@@ -204,21 +207,19 @@ class GpuExpertParallel:
         if self.validate:
             layout.check_routing("topk_idx", self._b.to_host(topk_idx), c.num_experts, t, c.topk)
         b = self._b
+        if b.ptr(x) % 16:
+            raise ValueError("x must be 16-byte aligned (the kernels load 16 bytes at a time)")
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF or 1
         self._t = t
         b.begin()
         p = b.ptr
-        b.launch("moe_route", (1,), self._route_threads,
-                 (p(topk_idx), topk_idx.dtype == np.int64, t, c.topk, c.experts_per_rank, c.ranks, p(self._idx32),
-                  p(self._pos), p(self._rowidx), p(self._nrows), p(self._counts)))
-        if t:
-            b.launch("moe_pack", (t,), 128, (p(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
-                                             p(self._packed), self._body_pad))
-        b.launch("moe_dispatch_send", (c.ranks, max(1, min(t, 32))), self._threads,
-                 (p(self._packed), self._body_pad, p(self._idx32), p(topk_weights), p(self._pos), p(self._rowidx),
-                  p(self._nrows), p(self._counts), p(self._peers), self.rank, c.ranks, t, c.topk,
-                  c.experts_per_rank, seq, c.dflag_offset, c.meta_offset, c.meta_bytes, c.drows_offset,
-                  c.row_bytes, c.header_bytes, c.max_tokens, p(self._done_d)))
+        # one kernel: routing, packing, stores into the peers' inboxes, metas, flags
+        b.launch("moe_dispatch_send", (t + 1, self._parts), self._threads,
+                 (p(x), x.dtype == np.uint16, p(topk_idx), topk_idx.dtype == np.int64, p(topk_weights), t, c.hidden,
+                  MODE[c.mode], p(self._peers), self.rank, c.ranks, c.topk, c.experts_per_rank, seq,
+                  c.dflag_offset, c.meta_offset, c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes,
+                  c.max_tokens, p(self._rowidx), p(self._nrows), p(self._done_d)),
+                 shared=4 * (c.num_experts + c.ranks))
         self._keep = (x, topk_idx, topk_weights)  # alive until the kernels have read them
         self._state = "dispatching"
 
@@ -228,7 +229,7 @@ class GpuExpertParallel:
         returned arrays are this object's and are rewritten next round."""
         self._turn("dispatching", "dispatch_recv")
         c, b, p = self.config, self._b, self._b.ptr
-        b.launch("moe_dispatch_recv", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+        b.launch("moe_dispatch_recv", (c.ranks, self._recv_y), self._threads,
                  (p(self.inbox), c.ranks, c.topk, c.experts_per_rank, self._seq, c.dflag_offset, c.meta_offset,
                   c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes, c.payload_bytes, c.scale_bytes,
                   c.max_tokens, p(self.x), p(self.scales if self.scales is not None else self._sdummy), p(self.src),
@@ -246,12 +247,14 @@ class GpuExpertParallel:
         self._turn("dispatched", "combine_send")
         c, b, p = self.config, self._b, self._b.ptr
         self._array("y", y, (np.uint16, np.float32), (c.experts_per_rank, c.capacity, c.hidden))
+        if b.ptr(y) % 16:
+            raise ValueError("y must be 16-byte aligned")
         b.begin()
-        b.launch("moe_combine_send", (c.ranks, max(1, min(c.max_tokens, 32))), self._threads,
+        b.launch("moe_combine_send", (c.ranks, self._csend_y), self._threads,
                  (p(self.inbox), p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank,
                   c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, p(self._offs), p(self._nrecv),
                   c.drows_offset, c.row_bytes, c.crows_offset, c.max_tokens, c.combine_dtype == "bf16",
-                  p(self._done_c)), shared=4 * (c.experts_per_rank + 3 * c.topk))
+                  p(self._done_c)), shared=4 * c.experts_per_rank)
         self._keep = (y,)
         self._state = "combining"
 
@@ -262,7 +265,7 @@ class GpuExpertParallel:
         self._turn("combining", "combine_recv")
         c, b, p = self.config, self._b, self._b.ptr
         t = self._t
-        b.launch("moe_combine_recv", (max(1, min(t, 128)),), self._threads,
+        b.launch("moe_combine_recv", (max(1, min(t * self._parts, 1024)),), self._threads,
                  (p(self.inbox), p(self._rowidx), t, c.hidden, c.ranks, self._seq, c.cflag_offset, c.crows_offset,
                   c.max_tokens, c.combine_dtype == "bf16", p(self.out), int(self.timeout * 1e9), p(self._err)))
         b.end()
@@ -327,10 +330,12 @@ class FabricGpuExpertParallel:
         self.host._check_state("idle", "dispatch_send")
         idx = layout.check_routing("topk_idx", b.to_host(topk_idx), c.num_experts, t, c.topk)
         w = layout.check_weights("topk_weights", b.to_host(topk_weights), idx.shape)
+        if t and b.ptr(x) % 16:
+            raise ValueError("x must be 16-byte aligned (the kernels load 16 bytes at a time)")
         if t:
             b.begin()
-            b.launch("moe_pack", (t,), 128, (b.ptr(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode],
-                                             b.ptr(self._packed), self._body_pad))
+            b.launch("moe_pack", (t, max(1, -(-(c.hidden // 8) // THREADS))), THREADS,
+                     (b.ptr(x), x.dtype == np.uint16, t, c.hidden, MODE[c.mode], b.ptr(self._packed), self._body_pad))
         body = b.to_host(self._packed[:t])[:, :c.payload_bytes + c.scale_bytes]
         b.synchronize()
         return self.host._dispatch_body(np.ascontiguousarray(body), idx, w)

@@ -2,40 +2,48 @@
 
 They write the same bytes as layout.py and compute the same numbers as
 reference.py: BF16 and FP8 E4M3 rounding to nearest even (FP8 saturating,
-found by binary search over the 127 positive codes, as numerics.py does),
+rounded on the float32 bits; numerics.py searches the codes, same result),
 float32 sums with explicit ``__fmul_rn``/``__fadd_rn`` (no fused
 multiply-add) in the reference's order.
 
-Kernels (one CUDA stream, in this order per round):
+One kernel per API call, so two per phase, with nothing on the host between
+them (one CUDA stream, in this order per round):
 
-``moe_route``         one block: per expert and per destination rank, a warp
-                      walks the tokens with ballots (positions in token order)
-``moe_pack``          one block of 128 threads per token: the dispatch
-                      payload (BF16 / float32 / FP8 with a scale per 128)
-``moe_dispatch_send`` grid (ranks, C): writes header + payload rows straight
-                      into each peer's inbox (CUDA IPC mapping); the last
-                      block per destination writes the meta (round, rows,
-                      per-expert counts) and then the flag
-                      ``seq << 32 | rows`` with a system-scope release store
-``moe_dispatch_recv`` grid (ranks, C): block (s, .) spins (acquire loads,
+``moe_dispatch_send`` grid (T + 1, P): block (t, p) routes token t (its
+                      row index at each destination rank and its position
+                      in each expert's list, counted over the tokens before
+                      it: a prefix computed in the block, no atomics on the
+                      order), quantises channel part p of it (a lane per 8
+                      channels, FP8 group maxima by warp shuffles) and stores
+                      the payload with 8/16-byte stores straight into the row
+                      of every destination's inbox (CUDA IPC mapping); block
+                      (t, 0) also writes the row headers.  Block (T, 0) counts
+                      tokens per (destination, expert) and writes the metas.
+                      Every block fences and counts itself done; the last one
+                      raises every destination's flag ``seq << 32 | rows``
+                      (system-scope release stores)
+``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (acquire loads,
                       bounded by a timeout) on the flags of sources 0..s,
-                      then expands source s's rows into the per-expert arrays
-``moe_combine_send``  grid (ranks, C): weighted partial sums over this
-                      rank's experts for each row of source s, written into
-                      s's inbox; last block raises s's combine flag
-``moe_combine_recv``  grid C: spins on every rank's combine flag, then sums
-                      the partials in rank order
+                      then its warps expand source s's rows, a warp per
+                      (row, slot), into the per-expert arrays
+``moe_combine_send``  grid (ranks, Y): a block per (row of source s, channel
+                      part): weighted partial sums over this rank's slots,
+                      16-byte stores into s's inbox; the last block for s
+                      raises s's combine flag
+``moe_combine_recv``  grid (T x parts): spins on every rank's combine flag,
+                      then sums the partials in rank order
+``moe_pack``          the dispatch payload alone, into a local buffer (the
+                      fabric proxy's GPU half)
 
 Under ``MOE_EMU`` the same source compiles as C++ for the CPU emulator that
-the tests use (tests/moe_emu.h): the spin and fences become host atomics.
+the tests use (tests/moe_emu.py): the spin and fences become host atomics.
 """
 from __future__ import annotations
 
 __all__ = ["SOURCE", "NAMES", "MODE"]
 
 MODE = {"bf16": 0, "fp8": 1, "float32": 2}
-NAMES = ("moe_route", "moe_pack", "moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send",
-         "moe_combine_recv")
+NAMES = ("moe_pack", "moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv")
 
 SOURCE = r"""
 typedef unsigned long long u64;
@@ -78,30 +86,28 @@ __device__ __forceinline__ u16 f32_bf16(float f)
     return (u16)((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
 }
 
-/* value of the positive E4M3 code c (0..126): exact products by powers of two */
-__device__ __forceinline__ float e4m3_val(int c)
-{
-    const int e = c >> 3, m = c & 7;
-    return e == 0 ? (float)m * __uint_as_float(118u << 23)           /* m * 2^-9 */
-                  : (float)(8 + m) * __uint_as_float((u32)(e + 117) << 23); /* (8+m) * 2^(e-10) */
-}
-
+/* float -> E4M3 code: nearest value, ties to the even code, saturating at
+ * +-448, NaN -> 0x7f with the sign (numerics.fp8_encode) */
 __device__ __forceinline__ u8 f32_e4m3(float x)
 {
     const u32 sign = (__float_as_uint(x) >> 31) ? 0x80u : 0u;
     if (x != x)
         return (u8)(0x7fu | sign);
     const float a = fminf(fabsf(x), 448.0f);
-    int lo = 0, hi = 126;                 /* first code whose value >= a */
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (e4m3_val(mid) >= a) hi = mid; else lo = mid + 1;
+    u32 code;
+    if (a < 0.015625f) {
+        /* below the smallest normal (2^-6): codes 0..8 in steps of 2^-9; the
+         * product is exact, the conversion rounds to nearest even */
+        code = (u32)__float2int_rn(a * 512.0f);
+    } else {
+        /* keep 3 mantissa bits, ties to even (a carry moves into the
+         * exponent); rebias 127 -> 7.  a <= 448 (code 126) never rounds up past it */
+        const u32 u = __float_as_uint(a);
+        code = ((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (120u << 3);
     }
-    const int h = lo, l = h > 0 ? h - 1 : 0;
-    const float dl = a - e4m3_val(l), dh = e4m3_val(h) - a;   /* exact (Sterbenz) */
-    const int code = (dh < dl || (dh == dl && (h & 1) == 0)) ? h : l;
     return (u8)(code | sign);
 }
+
 
 /* thread 0: wait until flags[from..to) carry round seq; 0 on timeout (err set) */
 __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeout_ns, int* err)
@@ -119,154 +125,361 @@ __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeo
     return 1;
 }
 
-/* one block, blockDim.x a multiple of 32: one warp per expert, then one warp
- * per destination rank, each walking the tokens 32 at a time with a ballot
- * (positions in token order without atomics) */
-extern "C" __global__ void moe_route(const void* idx, int idx64, int T, int k, int epr, int ranks,
-                                     int* idx32, int* pos, int* rowidx, int* nrows, int* counts)
+/* global expert id of entry i of topk_idx (int32 or int64), -1 if masked or out of range */
+__device__ __forceinline__ int expert_at(const void* idx, int idx64, long long i, int E)
 {
-    const int E = ranks * epr;
-    for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
-        const long long e = idx64 ? ((const long long*)idx)[i] : (long long)((const int*)idx)[i];
-        idx32[i] = (e >= 0 && e < E) ? (int)e : -1;
-    }
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const unsigned below = (1u << lane) - 1u;
-    for (int e = warp; e < E; e += warps) {
-        int n = 0;
-        for (int base = 0; base < T; base += 32) {
-            const int t = base + lane;
-            int hit = 0;
-            if (t < T)
-                for (int j = 0; j < k; ++j)
-                    hit |= idx32[t * k + j] == e;
-            const unsigned m = __ballot_sync(0xffffffffu, hit);
-            if (hit) {
-                const int p = n + __popc(m & below);
-                for (int j = 0; j < k; ++j)
-                    if (idx32[t * k + j] == e)
-                        pos[t * k + j] = p;
-            }
-            n += __popc(m);
-        }
-        if (lane == 0)
-            counts[e] = n;
-    }
-    for (int i = threadIdx.x; i < T * k; i += blockDim.x)
-        if (idx32[i] < 0)
-            pos[i] = -1;
-    for (int r = warp; r < ranks; r += warps) {
-        int n = 0;
-        for (int base = 0; base < T; base += 32) {
-            const int t = base + lane;
-            int hit = 0;
-            if (t < T)
-                for (int j = 0; j < k; ++j) {
-                    const int e = idx32[t * k + j];
-                    hit |= e >= 0 && e / epr == r;
-                }
-            const unsigned m = __ballot_sync(0xffffffffu, hit);
-            if (t < T)
-                rowidx[t * ranks + r] = hit ? n + __popc(m & below) : -1;
-            n += __popc(m);
-        }
-        if (lane == 0)
-            nrows[r] = n;
-    }
+    const long long e = idx64 ? ((const long long*)idx)[i] : (long long)((const int*)idx)[i];
+    return (e >= 0 && e < E) ? (int)e : -1;
 }
 
-/* blockDim.x must be 128 (one FP8 scale group per pass) */
-extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, int mode, u8* packed,
-                                    long long stride)
+/* 8 channels as floats from their raw 16 (BF16 bits) or 32 (float32) bytes */
+__device__ __forceinline__ void unpack8(const uint4* q, int bf16, float* v)
 {
-    __shared__ float red[128];
-    const int t = blockIdx.x;
-    if (t >= T)
-        return;
-    u8* out = packed + (long long)t * stride;
-    const u16* xb = (const u16*)x + (long long)t * H;
-    const float* xf = (const float*)x + (long long)t * H;
-    if (mode == MODE_BF16) {
-        u16* o = (u16*)out;
-        for (int h = threadIdx.x; h < H; h += blockDim.x)
-            o[h] = in_bf16 ? xb[h] : f32_bf16(xf[h]);
-    } else if (mode == MODE_F32) {
-        float* o = (float*)out;
-        for (int h = threadIdx.x; h < H; h += blockDim.x)
-            o[h] = in_bf16 ? bf16_f32(xb[h]) : xf[h];
+    if (bf16) {
+        const u32 w[4] = {q[0].x, q[0].y, q[0].z, q[0].w};
+        for (int i = 0; i < 4; ++i) {
+            v[2 * i] = bf16_f32((u16)(w[i] & 0xffffu));
+            v[2 * i + 1] = bf16_f32((u16)(w[i] >> 16));
+        }
     } else {
-        float* sc = (float*)(out + H);
-        for (int g = 0; g < H / 128; ++g) {
-            const int h = g * 128 + threadIdx.x;
-            const float v = in_bf16 ? bf16_f32(xb[h]) : xf[h];
-            red[threadIdx.x] = fabsf(v);
-            __syncthreads();
-            for (int s = 64; s > 0; s >>= 1) {
-                if (threadIdx.x < s)
-                    red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
-                __syncthreads();
+        const u32 w[8] = {q[0].x, q[0].y, q[0].z, q[0].w, q[1].x, q[1].y, q[1].z, q[1].w};
+        for (int i = 0; i < 8; ++i)
+            v[i] = __uint_as_float(w[i]);
+    }
+}
+
+/* channels 8c..8c+7 of a row of BF16 bits or float32, as floats (16-byte loads) */
+__device__ __forceinline__ void load8(const void* row, int bf16, long long c, float* v)
+{
+    uint4 q[2];
+    if (bf16) {
+        q[0] = ((const uint4*)row)[c];
+    } else {
+        q[0] = ((const uint4*)row)[2 * c];
+        q[1] = ((const uint4*)row)[2 * c + 1];
+    }
+    unpack8(q, bf16, v);
+}
+
+/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7,
+ * slot by slot in slot order (float32 multiply, then add); the loads of
+ * eight (BF16) or four (float32) slots are in flight at once, kept raw */
+template <int YBF16>
+__device__ __forceinline__ void partial8(const void* y, long long cap, int H, int k, const int* se, const int* sp,
+                                         const float* sw, long long c, float* acc)
+{
+    const int NB = YBF16 ? 8 : 4;  /* 128 bytes of loads in flight per lane */
+    for (int j0 = 0; j0 < k; j0 += NB) {
+        uint4 q[NB][YBF16 ? 1 : 2];
+        for (int jj = 0; jj < NB; ++jj) {
+            const int j = j0 + jj;
+            if (j < k && se[j] >= 0) {
+                const long long at = ((long long)se[j] * cap + sp[j]) * H;
+                if (YBF16) {
+                    q[jj][0] = ((const uint4*)((const u16*)y + at))[c];
+                } else {
+                    q[jj][0] = ((const uint4*)((const float*)y + at))[2 * c];
+                    q[jj][YBF16 ? 0 : 1] = ((const uint4*)((const float*)y + at))[2 * c + 1];
+                }
             }
-            const float amax = red[0];
-            const float scale = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
-            out[h] = f32_e4m3(__fdiv_rn(v, scale));
-            if (threadIdx.x == 0)
-                sc[g] = scale;
-            __syncthreads();
+        }
+        for (int jj = 0; jj < NB; ++jj) {
+            const int j = j0 + jj;
+            if (j < k && se[j] >= 0) {
+                float v[8];
+                unpack8(q[jj], YBF16, v);
+                for (int i = 0; i < 8; ++i)
+                    acc[i] = __fadd_rn(acc[i], __fmul_rn(sw[j], v[i]));
+            }
         }
     }
 }
 
-extern "C" __global__ void moe_dispatch_send(
-    const u8* packed, long long pstride, const int* idx32, const float* w, const int* pos, const int* rowidx,
-    const int* nrows, const int* counts, const u64* peers, int me, int ranks, int T, int k, int epr, u32 seq,
-    long long dflag_off, long long meta_off, long long meta_bytes, long long drows_off, long long row_bytes,
-    long long header_bytes, int max_tokens, u32* done)
+/* 8 floats rounded to BF16 (one uint4) or as float32 (two) at chunk c of dst */
+__device__ __forceinline__ void store8(void* dst, int bf16, long long c, const float* v)
 {
-    const int r = blockIdx.x;
-    u8* inbox = (u8*)peers[r];
-    u8* rows = inbox + drows_off + (long long)me * max_tokens * row_bytes;
-    const long long nv = pstride / 16;
-    for (int t = blockIdx.y; t < T; t += gridDim.y) {
-        const int i = rowidx[t * ranks + r];
-        if (i < 0)
-            continue;
-        u8* row = rows + (long long)i * row_bytes;
-        int* hdr = (int*)row;
-        float* hw = (float*)(row + 4 + 8 * k);
-        if (threadIdx.x == 0)
-            hdr[0] = t;
-        for (int j = threadIdx.x; j < k; j += blockDim.x) {
-            const int e = idx32[t * k + j];
-            const int on = e >= 0 && e / epr == r;
-            hdr[1 + j] = on ? e % epr : -1;
-            hdr[1 + k + j] = on ? pos[t * k + j] : -1;
-            hw[j] = on ? w[t * k + j] : 0.0f;
-        }
-        const uint4* s4 = (const uint4*)(packed + (long long)t * pstride);
-        uint4* d4 = (uint4*)(row + header_bytes);
-        for (long long v = threadIdx.x; v < nv; v += blockDim.x)
-            d4[v] = s4[v];
+    if (bf16) {
+        u32 w[4];
+        for (int i = 0; i < 4; ++i)
+            w[i] = (u32)f32_bf16(v[2 * i]) | ((u32)f32_bf16(v[2 * i + 1]) << 16);
+        uint4 q;
+        q.x = w[0]; q.y = w[1]; q.z = w[2]; q.w = w[3];
+        ((uint4*)dst)[c] = q;
+    } else {
+        uint4 a, b;
+        a.x = __float_as_uint(v[0]); a.y = __float_as_uint(v[1]); a.z = __float_as_uint(v[2]);
+        a.w = __float_as_uint(v[3]); b.x = __float_as_uint(v[4]); b.y = __float_as_uint(v[5]);
+        b.z = __float_as_uint(v[6]); b.w = __float_as_uint(v[7]);
+        ((uint4*)dst)[2 * c] = a;
+        ((uint4*)dst)[2 * c + 1] = b;
     }
+}
+
+/* The dispatch payload of channels 8c..8c+7 of one token row: o[0] (BF16
+ * codes, 16 bytes; FP8 codes in o[0].x/.y, 8 bytes) or o[0], o[1] (float32).
+ * Every lane of the warp must call it with lanes on consecutive chunks (FP8:
+ * the 16 lanes of a 128-channel group exchange their maxima by shuffles);
+ * lanes with valid == 0 take part with zeros.  *scale: the FP8 group's scale. */
+__device__ __forceinline__ void pack8(const void* xrow, int in_bf16, int mode, long long c, int valid, uint4* o,
+                                      float* scale)
+{
+    if (mode != MODE_FP8 && valid && (in_bf16 ? mode == MODE_BF16 : mode == MODE_F32)) {
+        o[0] = ((const uint4*)xrow)[in_bf16 ? c : 2 * c];  /* the input's own format: the bits as they are */
+        if (!in_bf16)
+            o[1] = ((const uint4*)xrow)[2 * c + 1];
+        return;
+    }
+    float v[8];
+    if (valid)
+        load8(xrow, in_bf16, c, v);
+    else
+        for (int i = 0; i < 8; ++i)
+            v[i] = 0.0f;
+    if (mode == MODE_BF16) {
+        u32 w[4];
+        for (int i = 0; i < 4; ++i)
+            w[i] = (u32)f32_bf16(v[2 * i]) | ((u32)f32_bf16(v[2 * i + 1]) << 16);
+        o[0].x = w[0]; o[0].y = w[1]; o[0].z = w[2]; o[0].w = w[3];
+    } else if (mode == MODE_F32) {
+        o[0].x = __float_as_uint(v[0]); o[0].y = __float_as_uint(v[1]);
+        o[0].z = __float_as_uint(v[2]); o[0].w = __float_as_uint(v[3]);
+        o[1].x = __float_as_uint(v[4]); o[1].y = __float_as_uint(v[5]);
+        o[1].z = __float_as_uint(v[6]); o[1].w = __float_as_uint(v[7]);
+    } else {
+        float a = 0.0f;
+        for (int i = 0; i < 8; ++i)
+            a = fmaxf(a, fabsf(v[i]));
+        for (int m = 8; m > 0; m >>= 1)
+            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
+        const float sc = a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f;
+        u32 lo = 0, hi = 0;
+        for (int i = 0; i < 4; ++i) {
+            lo |= (u32)f32_e4m3(__fdiv_rn(v[i], sc)) << (8 * i);
+            hi |= (u32)f32_e4m3(__fdiv_rn(v[4 + i], sc)) << (8 * i);
+        }
+        o[0].x = lo;
+        o[0].y = hi;
+        *scale = sc;
+    }
+}
+
+/* chunk c of a packed body (payload, then FP8 scales after H code bytes) */
+__device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, const uint4* o, float scale)
+{
+    if (mode == MODE_BF16) {
+        ((uint4*)body)[c] = o[0];
+    } else if (mode == MODE_F32) {
+        ((uint4*)body)[2 * c] = o[0];
+        ((uint4*)body)[2 * c + 1] = o[1];
+    } else {
+        uint2 q;
+        q.x = o[0].x;
+        q.y = o[0].y;
+        ((uint2*)body)[c] = q;
+        if ((c & 15) == 0)
+            ((float*)(body + H))[c >> 4] = scale;
+    }
+}
+
+/* n uint4 from s to d by the 32 lanes of a warp, four loads in flight per lane */
+__device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
+{
+    long long v = lane;
+    for (; v + 96 < n; v += 128) {
+        const uint4 a = s[v], b = s[v + 32], c = s[v + 64], e = s[v + 96];
+        d[v] = a;
+        d[v + 32] = b;
+        d[v + 64] = c;
+        d[v + 96] = e;
+    }
+    for (; v < n; v += 32)
+        d[v] = s[v];
+}
+
+/* Every block: make its stores visible system-wide and count itself done on
+ * *done; returns 1 in every thread of the last of `total` blocks (which then
+ * resets the counter for the next launch), after an acquiring fence. */
+__device__ __forceinline__ int last_block(u32* done, u32 total)
+{
+    __shared__ int last;
     __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const u32 prev = atomicAdd(&done[r], 1u);
-        if (prev == gridDim.y - 1) {  /* the last block for r: every row is out */
-            done[r] = 0;
-            __threadfence_system();
-            u32* m = (u32*)(inbox + meta_off + (long long)me * meta_bytes);
-            const u32 n = (u32)nrows[r];
-            m[0] = seq;
-            m[1] = n;
-            for (int e = 0; e < epr; ++e)
-                ((int*)m)[2 + e] = counts[r * epr + e];
-            __threadfence_system();
-            st_release((u64*)(inbox + dflag_off) + me, ((u64)seq << 32) | n);
+        last = atomicAdd(done, 1u) == total - 1;
+        if (last)
+            *done = 0;
+        __threadfence_system();
+    }
+    __syncthreads();
+    if (last)
+        __threadfence_system();
+    return last;
+}
+
+/* blockDim.x a multiple of 32: the payload of token blockIdx.x, channel part
+ * blockIdx.y (the fabric proxy packs on the GPU, then copies to the host) */
+extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, int mode, u8* packed,
+                                    long long stride)
+{
+    const int t = blockIdx.x;
+    if (t >= T)
+        return;
+    const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
+                               : (const void*)((const float*)x + (long long)t * H);
+    u8* out = packed + (long long)t * stride;
+    const int nch = H / 8;
+    for (int base = blockIdx.y * blockDim.x; base < nch; base += gridDim.y * blockDim.x) {
+        const int c = base + threadIdx.x, valid = c < nch;
+        uint4 o[2];
+        float sc = 1.0f;
+        pack8(xrow, in_bf16, mode, c, valid, o, &sc);
+        if (valid)
+            put8(out, mode, H, c, o, sc);
+    }
+}
+
+/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64; dynamic shared
+ * memory 4 * (ranks * epr + ranks) bytes (block (T, 0)'s histogram) */
+extern "C" __global__ void moe_dispatch_send(
+    const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
+    const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
+    long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, int max_tokens,
+    int* rowidx, int* nrows, u32* done)
+{
+    DYN_SHARED(int, hist);
+    __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
+    __shared__ int nd;
+    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, t = blockIdx.x;
+    if (t == T) {
+        if (blockIdx.y == 0) {
+            /* the metas: tokens per (destination, expert) and rows per destination */
+            int* rows = hist + E;
+            for (int i = tid; i < E + ranks; i += B)
+                hist[i] = 0;
+            __syncthreads();
+            for (int tt = tid; tt < T; tt += B)  /* a thread per token: its row's ids stay in L1 */
+                for (int j = 0; j < k; ++j) {
+                    const int e = expert_at(idx, idx64, (long long)tt * k + j, E);
+                    if (e < 0)
+                        continue;
+                    int first_e = 1, first_r = 1;
+                    for (int j2 = 0; j2 < j; ++j2) {
+                        const int e2 = expert_at(idx, idx64, (long long)tt * k + j2, E);
+                        first_e &= e2 != e;
+                        first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                    }
+                    if (first_e)
+                        atomicAdd(&hist[e], 1);
+                    if (first_r)
+                        atomicAdd(&rows[e / epr], 1);
+                }
+            __syncthreads();
+            const int words = 2 + epr;
+            for (int i = tid; i < ranks * words; i += B) {
+                const int r = i / words, q = i - r * words;
+                u32* m = (u32*)((u8*)peers[r] + meta_off + (long long)me * meta_bytes);
+                m[q] = q == 0 ? seq : q == 1 ? (u32)rows[r] : (u32)hist[r * epr + q - 2];
+            }
+            for (int r = tid; r < ranks; r += B)
+                nrows[r] = rows[r];
+        }
+    } else {
+        /* token t: its slots, then over the tokens before it, its position in
+         * each slot's expert list and its row index at each slot's rank */
+        for (int j = tid; j < k; j += B) {
+            const int e = expert_at(idx, idx64, (long long)t * k + j, E);
+            se[j] = e;
+            sr[j] = e >= 0 ? e / epr : -1;
+            sp[j] = 0;
+            sd[j] = 0;
+        }
+        __syncthreads();
+        const int lane = tid & 31;
+        for (int base = 0; base < t; base += B) {  /* a thread per earlier token, counts added up per warp */
+            const int t2 = base + tid;
+            u64 pm = 0, dm = 0;
+            for (int j2 = 0; t2 < t && j2 < k; ++j2) {
+                const int e2 = expert_at(idx, idx64, (long long)t2 * k + j2, E);
+                if (e2 < 0)
+                    continue;
+                const int r2 = e2 / epr;
+                for (int j = 0; j < k; ++j) {
+                    if (se[j] == e2)
+                        pm |= 1ull << j;
+                    if (sr[j] == r2)
+                        dm |= 1ull << j;
+                }
+            }
+            for (int j = 0; j < k; ++j) {
+                const int np = __popc(__ballot_sync(0xffffffffu, (int)((pm >> j) & 1ull)));
+                const int nr = __popc(__ballot_sync(0xffffffffu, (int)((dm >> j) & 1ull)));
+                if (lane == 0 && np)
+                    atomicAdd(&sp[j], np);
+                if (lane == 0 && nr)
+                    atomicAdd(&sd[j], nr);
+            }
+        }
+        if (tid == 0) {  /* the destinations: the first slot of each rank */
+            int n = 0;
+            for (int j = 0; j < k; ++j) {
+                if (sr[j] < 0)
+                    continue;
+                int first = 1;
+                for (int j2 = 0; j2 < j; ++j2)
+                    first &= sr[j2] != sr[j];
+                if (first)
+                    dsl[n++] = j;
+            }
+            nd = n;
+        }
+        __syncthreads();
+        const int n = nd;
+        if (blockIdx.y == 0) {
+            for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
+                const int d = q / k, j = q - d * k, r = sr[dsl[d]];
+                u8* row = (u8*)peers[r] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+                const int on = sr[j] == r;
+                if (j == 0)
+                    ((int*)row)[0] = t;
+                ((int*)row)[1 + j] = on ? se[j] - r * epr : -1;
+                ((int*)row)[1 + k + j] = on ? sp[j] : -1;
+                ((float*)(row + 4 + 8 * k))[j] = on ? w[(long long)t * k + j] : 0.0f;
+            }
+            for (int r = tid; r < ranks; r += B) {  /* kept for combine_recv */
+                int v = -1;
+                for (int d = 0; d < n; ++d)
+                    if (sr[dsl[d]] == r)
+                        v = sd[dsl[d]];
+                rowidx[(long long)t * ranks + r] = v;
+            }
+        }
+        if (n > 0) {
+            const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
+                                       : (const void*)((const float*)x + (long long)t * H);
+            const int nch = H / 8;
+            for (int base = blockIdx.y * B; base < nch; base += gridDim.y * B) {
+                const int c = base + tid, valid = c < nch;
+                uint4 o[2];
+                float sc = 1.0f;
+                pack8(xrow, in_bf16, mode, c, valid, o, &sc);
+                if (valid)
+                    for (int d = 0; d < n; ++d) {
+                        u8* row = (u8*)peers[sr[dsl[d]]] + drows_off +
+                                  ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+                        put8(row + header_bytes, mode, H, c, o, sc);
+                    }
+            }
+        }
+    }
+    if (last_block(done, gridDim.x * gridDim.y)) {
+        for (int r = tid; r < ranks; r += B) {
+            const u32 n = (u32)((volatile const int*)nrows)[r];
+            st_release((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
         }
     }
 }
 
+/* grid (ranks, Y), blockDim.x a multiple of 32; dynamic shared memory 4 * epr */
 extern "C" __global__ void moe_dispatch_recv(
     const u8* inbox, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
     long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes,
@@ -298,58 +511,62 @@ extern "C" __global__ void moe_dispatch_recv(
         nrecv_out[s] = n;
     const long long pv = payload_bytes / 16;
     const int G = (int)(scale_bytes / 4);
-    for (int i = blockIdx.y; i < n && i < max_tokens; i += gridDim.y) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const long long items = (long long)(n < max_tokens ? n : max_tokens) * k;
+    /* a warp per (row, slot) */
+    for (long long it = (long long)blockIdx.y * warps + (threadIdx.x >> 5); it < items;
+         it += (long long)gridDim.y * warps) {
+        const int i = (int)(it / k), j = (int)(it - (long long)i * k);
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         const int* hdr = (const int*)row;
-        for (int j = 0; j < k; ++j) {
-            const int e = hdr[1 + j];
-            if (e < 0 || e >= epr)
-                continue;
-            const long long d = (long long)off[e] + hdr[1 + k + j];
-            if (d < 0 || d >= cap) {
-                if (threadIdx.x == 0)
-                    atomicCAS(err, 0, -1);
-                continue;
-            }
-            const long long slot = (long long)e * cap + d;
-            const uint4* s4 = (const uint4*)(row + header_bytes);
-            uint4* d4 = (uint4*)(xout + slot * payload_bytes);
-            for (long long v = threadIdx.x; v < pv; v += blockDim.x)
-                d4[v] = s4[v];
-            const float* ss = (const float*)(row + header_bytes + payload_bytes);
-            for (int g = threadIdx.x; g < G; g += blockDim.x)
-                sout[slot * G + g] = ss[g];
-            if (threadIdx.x == 0) {
-                src_out[2 * slot] = s;
-                src_out[2 * slot + 1] = hdr[0];
-            }
+        const int e = hdr[1 + j];
+        if (e < 0 || e >= epr)
+            continue;
+        const long long d = (long long)off[e] + hdr[1 + k + j];
+        if (d < 0 || d >= cap) {
+            if (lane == 0)
+                atomicCAS(err, 0, -1);
+            continue;
+        }
+        const long long slot = (long long)e * cap + d;
+        copy16((uint4*)(xout + slot * payload_bytes), (const uint4*)(row + header_bytes), pv, lane);
+        const float* ss = (const float*)(row + header_bytes + payload_bytes);
+        for (int g = lane; g < G; g += 32)
+            sout[slot * G + g] = ss[g];
+        if (lane == 0) {
+            src_out[2 * slot] = s;
+            src_out[2 * slot + 1] = hdr[0];
         }
     }
 }
 
+/* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
+ * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
+ * u % P (P = parts of blockDim.x chunks of 8 channels). */
 extern "C" __global__ void moe_combine_send(
     const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
     int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
     long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
 {
-    DYN_SHARED(int, sh);  /* off[epr], e[k], p[k], w[k] */
-    int* off = sh;
-    int* se = sh + epr;
-    int* sp = se + k;
-    float* sw = (float*)(sp + k);
-    const int s = blockIdx.x;
+    DYN_SHARED(int, off);  /* epr */
+    __shared__ int se[64], sp[64];
+    __shared__ float sw[64];
+    const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
     /* offsets and row counts as dispatch_recv saw them: a source that has
      * finished this round may already be rewriting its meta in our inbox */
-    for (int e = threadIdx.x; e < epr; e += blockDim.x)
+    for (int e = tid; e < epr; e += B)
         off[e] = offs[s * epr + e];
     const int n = nrecv[s];
     const long long esz = out_bf16 ? 2 : 4;
     u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
+    const int nch = H / 8, parts = (nch + B - 1) / B;
+    const long long units = (long long)(n < max_tokens ? n : max_tokens) * parts;
     __syncthreads();
-    for (int i = blockIdx.y; i < n && i < max_tokens; i += gridDim.y) {
+    for (long long u = blockIdx.y; u < units; u += gridDim.y) {
+        const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         const int* hdr = (const int*)row;
-        for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        for (int j = tid; j < k; j += B) {
             const int e = hdr[1 + j];
             const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
             se[j] = (p >= 0 && p < cap) ? e : -1;
@@ -357,35 +574,23 @@ extern "C" __global__ void moe_combine_send(
             sw[j] = ((const float*)(row + 4 + 8 * k))[j];
         }
         __syncthreads();
-        for (int h = threadIdx.x; h < H; h += blockDim.x) {
-            float acc = 0.0f;
-            for (int j = 0; j < k; ++j) {
-                const int e = se[j];
-                if (e < 0)
-                    continue;
-                const long long at = ((long long)e * cap + sp[j]) * H + h;
-                const float v = y_bf16 ? bf16_f32(((const u16*)y)[at]) : ((const float*)y)[at];
-                acc = __fadd_rn(acc, __fmul_rn(sw[j], v));
-            }
-            if (out_bf16)
-                ((u16*)dst)[(long long)i * H + h] = f32_bf16(acc);
+        if (c < nch) {
+            float acc[8];
+            for (int q = 0; q < 8; ++q)
+                acc[q] = 0.0f;
+            if (y_bf16)
+                partial8<1>(y, cap, H, k, se, sp, sw, c, acc);
             else
-                ((float*)dst)[(long long)i * H + h] = acc;
+                partial8<0>(y, cap, H, k, se, sp, sw, c, acc);
+            store8(dst + (long long)i * H * esz, out_bf16, c, acc);
         }
         __syncthreads();
     }
-    __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const u32 prev = atomicAdd(&done[s], 1u);
-        if (prev == gridDim.y - 1) {
-            done[s] = 0;
-            __threadfence_system();
-            st_release((u64*)((u8*)peers[s] + cflag_off) + me, ((u64)seq << 32) | (u32)n);
-        }
-    }
+    if (last_block(done + s, gridDim.y) && tid == 0)
+        st_release((u64*)((u8*)peers[s] + cflag_off) + me, ((u64)seq << 32) | (u32)n);
 }
 
+/* grid (G): unit u = token u / P, channel part u % P */
 extern "C" __global__ void moe_combine_recv(
     const u8* inbox, const int* rowidx, int T, int H, int ranks, u32 seq, long long cflag_off,
     long long crows_off, int max_tokens, int bf16, void* out, u64 timeout_ns, int* err)
@@ -397,21 +602,31 @@ extern "C" __global__ void moe_combine_recv(
     if (!ok)
         return;
     const u8* base = inbox + crows_off;
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int h = threadIdx.x; h < H; h += blockDim.x) {
-            float acc = 0.0f;
-            for (int r = 0; r < ranks; ++r) {
-                const int i = rowidx[t * ranks + r];
-                if (i < 0)
-                    continue;
-                const long long at = ((long long)r * max_tokens + i) * H + h;
-                acc = __fadd_rn(acc, bf16 ? bf16_f32(((const u16*)base)[at]) : ((const float*)base)[at]);
+    const long long esz = bf16 ? 2 : 4;
+    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
+    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
+        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
+        if (c >= nch)
+            continue;
+        float acc[8];
+        for (int q = 0; q < 8; ++q)
+            acc[q] = 0.0f;
+        for (int r0 = 0; r0 < ranks; r0 += 4) {  /* four ranks' loads in flight, then the sums in rank order */
+            float v[4][8];
+            int has[4];
+            for (int rr = 0; rr < 4; ++rr) {
+                const int r = r0 + rr;
+                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
+                has[rr] = i >= 0;
+                if (i >= 0)
+                    load8(base + ((long long)r * max_tokens + i) * H * esz, bf16, c, v[rr]);
             }
-            if (bf16)
-                ((u16*)out)[(long long)t * H + h] = f32_bf16(acc);
-            else
-                ((float*)out)[(long long)t * H + h] = acc;
+            for (int rr = 0; rr < 4; ++rr)
+                if (has[rr])
+                    for (int q = 0; q < 8; ++q)
+                        acc[q] = __fadd_rn(acc[q], v[rr][q]);
         }
+        store8((u8*)out + (long long)t * H * esz, bf16, c, acc);
     }
 }
 """
