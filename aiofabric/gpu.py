@@ -245,8 +245,9 @@ class GpuPath:
         self._events: dict[int, list[Any]] = {}
         self._mapped_host: dict[int, int] = {}
         #: page lists: the kernel reads its arguments and indices straight from
-        #: pinned host memory instead of a device copy made first
-        self.mapped_args = False
+        #: pinned host memory (True), or from a device copy uploaded first
+        #: (False); the first saves a copy call and its latency (docs/gpu.md)
+        self.mapped_args = True
 
     # -- where to write ------------------------------------------------------
 
