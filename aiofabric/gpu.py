@@ -40,8 +40,8 @@ _COPY_PAGES = r"""
 /* One warp copies one 4 KiB chunk of one page per step: every lane keeps eight
  * 16-byte loads in flight before its stores, whatever the page size, so small
  * pages get the same memory-level parallelism as large ones.  The arguments
- * live in device memory (see PageLauncher.pack): one upload, one launch
- * parameter. */
+ * and both index lists are one buffer (see PageLauncher.pack), read from
+ * pinned host memory or from a device copy: one launch parameter. */
 extern "C" __global__ void copy_pages(const long long* __restrict__ args)
 {
     const char* src = (const char*)args[0];
@@ -202,12 +202,12 @@ class PageLauncher:
         return cls.HEADER + 16 * n
 
     @staticmethod
-    def pack(host: Any, dev: int, src: int, dst: int, sidx: np.ndarray, didx: np.ndarray, page: int,
+    def pack(host: Any, src: int, dst: int, sidx: np.ndarray, didx: np.ndarray, page: int,
              sstride: int, dstride: int) -> None:
-        """Fill ``host`` (at least ``nbytes(n)`` bytes) with the arguments of a
-        launch whose buffer will be at device address ``dev``."""
+        """Fill ``host`` (an int64 array or a buffer of at least ``nbytes(n)``
+        bytes) with a launch's arguments: the header, then both index lists."""
         n = len(sidx)
-        a = np.frombuffer(host, np.int64, 8 + 2 * n)
+        a = host[: 8 + 2 * n] if type(host) is np.ndarray else np.frombuffer(host, np.int64, 8 + 2 * n)
         a[:6] = (src, dst, n, page, sstride, dstride)
         a[8:8 + n] = sidx
         a[8 + n:] = didx
@@ -325,7 +325,7 @@ class GpuPath:
             # a reused pinned buffer (a pageable copy would stall until the stream drains).
             nbytes = PageLauncher.nbytes(n)
             stage = self._stage(device, nbytes)
-            PageLauncher.pack(stage[0], 0, region.address + off, self._target(dst, device), sidx, didx, page,
+            PageLauncher.pack(stage[2], region.address + off, self._target(dst, device), sidx, didx, page,
                               sstride, dstride)
             if self.mapped_args:  # the kernel reads them from pinned host memory
                 dev = self._host_mapped(stage[0].ptr)
@@ -346,14 +346,15 @@ class GpuPath:
             dev = self._mapped_host[host] = out.value
         return dev
 
-    def _stage(self, device: int, nbytes: int) -> tuple[Any, Any]:
-        """A pinned host buffer and a device buffer of at least ``nbytes``,
-        reused once the transfer that used them has completed."""
+    def _stage(self, device: int, nbytes: int) -> tuple[Any, Any, np.ndarray]:
+        """A pinned host buffer, a device buffer of at least ``nbytes`` and an
+        int64 view of the first, reused once the transfer that used them has completed."""
         size = 1 << max(12, (nbytes - 1).bit_length())
         free = self._staging.setdefault((device, size), [])
         if free:
             return free.pop()
-        return (self._cp.cuda.alloc_pinned_memory(size), self._cp.empty(size, dtype=self._cp.uint8))
+        host = self._cp.cuda.alloc_pinned_memory(size)
+        return (host, self._cp.empty(size, dtype=self._cp.uint8), np.frombuffer(host, np.int64, size // 8))
 
     def _after(self, device: int, stream: Any, region: MemoryRegion, dst: RegionDescriptor, imm: int, count: int,
                keep: Any, nbytes: int) -> asyncio.Future[None]:

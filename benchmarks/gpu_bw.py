@@ -108,7 +108,7 @@ async def run(reps: int) -> dict:
             with cp.cuda.Device(s_dev):
                 nb = PageLauncher.nbytes(n)
                 host, args = cp.cuda.alloc_pinned_memory(nb), cp.empty(nb, dtype=cp.uint8)
-                PageLauncher.pack(host, args.data.ptr, src.data.ptr, dst.data.ptr, sidx, didx, page, page, page)
+                PageLauncher.pack(host, src.data.ptr, dst.data.ptr, sidx, didx, page, page, page)
                 rt.memcpy(args.data.ptr, host.ptr, nb, 1)
             ev0, ev1 = cp.cuda.Event(), cp.cuda.Event()
             ktimes, calls, device_wait, detect = [], [], [], []
