@@ -239,6 +239,43 @@ async def test_gpu_kernels_many_tokens_and_blocks():
     assert eps[0]._b.launches == ["moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv"] * 2
 
 
+async def test_done_counters_count_units_over_rounds():
+    """combine_send's blocks each take several units (a grid smaller than the
+    work) or none (a grid larger than it; a source that sent nothing): the
+    block completing a source's units raises its flag, and every done counter
+    is back at zero after each round (no reset kernel or memset)."""
+    cfg = MoEConfig(6, 2, 256, 3, 7, mode="fp8", combine_dtype="bf16")
+    eps = group(cfg)
+    for seed, csend_y in ((21, 2), (22, 3), (23, 64), (24, 1)):
+        for ep in eps:
+            ep._csend_y = csend_y
+        ds, outs = run_round(eps, seed)
+        for r in range(cfg.ranks):
+            assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+        for ep in eps:
+            assert not ep._done_d.any() and not ep._done_c.any()
+    # a rank with no tokens at all: its peers' combine_send has no unit for it
+    lib_eps = eps
+    empty = np.zeros((0, cfg.hidden), np.float32)
+    none_i, none_w = np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk), np.float32)
+    x1 = np.ones((2, cfg.hidden), np.float32)
+    i1 = np.array([[0, 3, -1], [4, 5, 1]], np.int64)
+    w1 = np.full((2, cfg.topk), 0.5, np.float32)
+    lib_eps[0].dispatch_send(empty, none_i, none_w)
+    lib_eps[1].dispatch_send(x1, i1, w1)
+    for ep in lib_eps:
+        ep.dispatch_recv()
+    for ep in lib_eps:
+        ep.combine_send(np.ones((cfg.experts_per_rank, cfg.capacity, cfg.hidden), np.float32))
+    outs = [ep.combine_recv().copy() for ep in lib_eps]
+    for ep in lib_eps:
+        ep.synchronize()
+        assert not ep._done_d.any() and not ep._done_c.any()
+    assert outs[0].shape == (0, cfg.hidden)
+    from aiofabric.moe.numerics import bf16_to_f32
+    assert np.array_equal(bf16_to_f32(outs[1]), np.full((2, cfg.hidden), [[1.0], [1.5]], np.float32))
+
+
 @pytest.mark.parametrize("in_dtype", [np.float32, np.uint16])
 async def test_pack_fp8_every_code_and_tie(in_dtype):
     """moe_pack's FP8 codes against numerics on every code, the midpoints

@@ -115,6 +115,14 @@ class GpuExpertParallel:
         self._t = 0
         self._closed = False
 
+    @property
+    def stream(self) -> Any:
+        """The stream the kernels run on (CuPy ``Stream``).  A caller that makes
+        it current (``with ep.stream:``) for its own work around the calls
+        saves the event record and cross-stream wait each call otherwise
+        enqueues on both streams."""
+        return getattr(self._b, "stream", None)
+
     # -- connecting -----------------------------------------------------------------
 
     def info(self) -> bytes:

@@ -19,16 +19,18 @@ them (one CUDA stream, in this order per round):
                       of every destination's inbox (CUDA IPC mapping); block
                       (t, 0) also writes the row headers.  Block (T, 0) counts
                       tokens per (destination, expert) and writes the metas.
-                      Every block fences and counts itself done; the last one
-                      raises every destination's flag ``seq << 32 | rows``
-                      (system-scope release stores)
-``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (acquire loads,
-                      bounded by a timeout) on the flags of sources 0..s,
+                      Every block counts itself done (its thread 0 alone
+                      fences, after a barrier); the last one raises every
+                      destination's flag ``seq << 32 | rows`` (system-scope
+                      release)
+``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (relaxed polls,
+                      then one acquiring fence; bounded by a timeout) on the flags of sources 0..s,
                       then its warps expand source s's rows, a warp per
                       (row, slot), into the per-expert arrays
 ``moe_combine_send``  grid (ranks, Y): a block per (row of source s, channel
                       part): weighted partial sums over this rank's slots,
-                      16-byte stores into s's inbox; the last block for s
+                      16-byte stores into s's inbox; blocks without a unit
+                      return at once; the block completing s's units
                       raises s's combine flag
 ``moe_combine_recv``  grid (T x parts): spins on every rank's combine flag,
                       then sums the partials in rank order
@@ -62,6 +64,25 @@ __device__ __forceinline__ u64 ld_acquire(const u64* p)
 __device__ __forceinline__ void st_release(u64* p, u64 v)
 {
     asm volatile("st.release.sys.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+/* a spin's poll: no ordering of its own (fence_sys after the value is seen) */
+__device__ __forceinline__ u64 ld_relaxed(const u64* p)
+{
+    u64 v;
+    asm volatile("ld.relaxed.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+/* after fence_sys: the fence makes this store a release */
+__device__ __forceinline__ void st_relaxed(u64* p, u64 v)
+{
+    asm volatile("st.relaxed.sys.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+/* one thread's system-scope acquire+release fence (cheaper than the
+ * sequentially consistent __threadfence_system); cumulative: after a
+ * __syncthreads it orders the whole block's earlier stores */
+__device__ __forceinline__ void fence_sys()
+{
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 __device__ __forceinline__ u64 now_ns()
 {
@@ -109,12 +130,13 @@ __device__ __forceinline__ u8 f32_e4m3(float x)
 }
 
 
-/* thread 0: wait until flags[from..to) carry round seq; 0 on timeout (err set) */
+/* thread 0: wait until flags[from..to) carry round seq (relaxed polls, then
+ * one acquiring fence); 0 on timeout (err set) */
 __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeout_ns, int* err)
 {
     const u64 start = now_ns();
     for (int s = from; s < to; ++s) {
-        while ((u32)(ld_acquire(flags + s) >> 32) != seq) {
+        while ((u32)(ld_relaxed(flags + s) >> 32) != seq) {
             if (now_ns() - start > timeout_ns) {
                 atomicCAS(err, 0, 1 + s);
                 return 0;
@@ -122,6 +144,7 @@ __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeo
             PAUSE();
         }
     }
+    fence_sys();
     return 1;
 }
 
@@ -296,23 +319,27 @@ __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, in
         d[v] = s[v];
 }
 
-/* Every block: make its stores visible system-wide and count itself done on
- * *done; returns 1 in every thread of the last of `total` blocks (which then
- * resets the counter for the next launch), after an acquiring fence. */
-__device__ __forceinline__ int last_block(u32* done, u32 total)
+/* A block that has done `add` of `total` units of work: after a barrier, its
+ * thread 0 alone fences (system-scope release, cumulative over the block's
+ * stores) and adds `add` to *done; it returns 1 in every thread of the block
+ * that completes the total, after thread 0 reset the counter for the next
+ * launch and fenced again (acquire: every other block's stores are then
+ * ordered before whatever this block stores next, e.g. the flags, which
+ * thread 0 writes with st_relaxed).  One fence per block, not per thread: a
+ * system fence waits for the NVLink stores in flight and costs microseconds. */
+__device__ __forceinline__ int last_block(u32* done, u32 add, u32 total)
 {
     __shared__ int last;
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1u) == total - 1;
-        if (last)
+        fence_sys();
+        last = atomicAdd(done, add) + add == total;
+        if (last) {
             *done = 0;
-        __threadfence_system();
+            fence_sys();
+        }
     }
     __syncthreads();
-    if (last)
-        __threadfence_system();
     return last;
 }
 
@@ -471,10 +498,10 @@ extern "C" __global__ void moe_dispatch_send(
             }
         }
     }
-    if (last_block(done, gridDim.x * gridDim.y)) {
-        for (int r = tid; r < ranks; r += B) {
+    if (last_block(done, 1u, gridDim.x * gridDim.y) && tid == 0) {
+        for (int r = 0; r < ranks; ++r) {  /* after last_block's fence: release stores */
             const u32 n = (u32)((volatile const int*)nrows)[r];
-            st_release((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
+            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
         }
     }
 }
@@ -542,7 +569,10 @@ extern "C" __global__ void moe_dispatch_recv(
 
 /* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
  * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
- * u % P (P = parts of blockDim.x chunks of 8 channels). */
+ * u % P (P = parts of blockDim.x chunks of 8 channels).  A block without a
+ * unit returns at once (no fence, no count): the counter for s counts units,
+ * and the block that completes them raises s's flag (block (s, 0) when there
+ * are none). */
 extern "C" __global__ void moe_combine_send(
     const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
     int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
@@ -554,13 +584,21 @@ extern "C" __global__ void moe_combine_send(
     const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
     /* offsets and row counts as dispatch_recv saw them: a source that has
      * finished this round may already be rewriting its meta in our inbox */
-    for (int e = tid; e < epr; e += B)
-        off[e] = offs[s * epr + e];
     const int n = nrecv[s];
-    const long long esz = out_bf16 ? 2 : 4;
-    u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
     const int nch = H / 8, parts = (nch + B - 1) / B;
     const long long units = (long long)(n < max_tokens ? n : max_tokens) * parts;
+    u64* flag = (u64*)((u8*)peers[s] + cflag_off) + me;
+    if (units == 0) {
+        if (blockIdx.y == 0 && tid == 0)
+            st_release(flag, ((u64)seq << 32) | (u32)n);
+        return;
+    }
+    if ((long long)blockIdx.y >= units)
+        return;
+    for (int e = tid; e < epr; e += B)
+        off[e] = offs[s * epr + e];
+    const long long esz = out_bf16 ? 2 : 4;
+    u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
     __syncthreads();
     for (long long u = blockIdx.y; u < units; u += gridDim.y) {
         const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
@@ -586,8 +624,9 @@ extern "C" __global__ void moe_combine_send(
         }
         __syncthreads();
     }
-    if (last_block(done + s, gridDim.y) && tid == 0)
-        st_release((u64*)((u8*)peers[s] + cflag_off) + me, ((u64)seq << 32) | (u32)n);
+    const u32 mine = (u32)((units - blockIdx.y + gridDim.y - 1) / gridDim.y);
+    if (last_block(done + s, mine, (u32)units) && tid == 0)
+        st_relaxed(flag, ((u64)seq << 32) | (u32)n);  /* after last_block's fence: a release */
 }
 
 /* grid (G): unit u = token u / P, channel part u % P */
