@@ -365,7 +365,8 @@ extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, in
     }
 }
 
-/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64; dynamic shared
+/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64 (blocks (T, p > 0)
+ * return at once: blocks (t < T, .) and (T, 0) count themselves done); dynamic shared
  * memory 4 * (ranks * epr + ranks) bytes (block (T, 0)'s histogram) */
 extern "C" __global__ void moe_dispatch_send(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
@@ -377,8 +378,10 @@ extern "C" __global__ void moe_dispatch_send(
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
     __shared__ int nd;
     const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, t = blockIdx.x;
+    if (t == T && blockIdx.y != 0)
+        return;  /* the counting row has one block: the others neither work nor count */
     if (t == T) {
-        if (blockIdx.y == 0) {
+        {
             /* the metas: tokens per (destination, expert) and rows per destination */
             int* rows = hist + E;
             for (int i = tid; i < E + ranks; i += B)
@@ -498,7 +501,7 @@ extern "C" __global__ void moe_dispatch_send(
             }
         }
     }
-    if (last_block(done, 1u, gridDim.x * gridDim.y) && tid == 0) {
+    if (last_block(done, 1u, (gridDim.x - 1) * gridDim.y + 1) && tid == 0) {
         for (int r = 0; r < ranks; ++r) {  /* after last_block's fence: release stores */
             const u32 n = (u32)((volatile const int*)nrows)[r];
             st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
