@@ -339,3 +339,39 @@ async def test_duplicate_expert_without_validation_gets_the_token_once():
     p1 = np.float32(0.125) * y
     assert np.array_equal(outs[0][0], p0 + p1)
     assert not outs[0][1].any() and outs[1].shape == (0, 128)
+
+
+async def test_cuda_backend_skips_events_on_its_own_stream():
+    """begin()/end() enqueue an event record and a cross-stream wait only when
+    the caller's current stream is not the group's (a fake CuPy, no GPU)."""
+    import contextlib
+    import types
+
+    from aiofabric.moe.cuda import CudaBackend
+
+    log = []
+
+    class S:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def wait_event(self, ev):
+            log.append(("wait", self.ptr))
+
+    class Ev:
+        def record(self, s):
+            log.append(("record", s.ptr))
+
+    cur = [S(0)]
+    b = object.__new__(CudaBackend)
+    b.stream, b._ev_in, b._ev_out = S(7), Ev(), Ev()
+    b.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: cur[0]))
+    b.ctx = contextlib.nullcontext
+    b.begin()
+    b.end()
+    assert log == [("record", 0), ("wait", 7), ("record", 7), ("wait", 0)]
+    log.clear()
+    cur[0] = S(7)
+    b.begin()
+    b.end()
+    assert log == []
