@@ -184,20 +184,22 @@ __device__ __forceinline__ void load8(const void* row, int bf16, long long c, fl
     unpack8(q, bf16, v);
 }
 
-/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7,
- * slot by slot in slot order (float32 multiply, then add); the loads of
- * eight (BF16) or four (float32) slots are in flight at once, kept raw */
+/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7:
+ * slot (expert, position) rows sat[0..n) (only the slots present here,
+ * compacted in slot order), weights sw; float32 multiply, then add, in slot
+ * order; the loads of four (BF16) or two (float32) slots are in flight at
+ * once, kept raw */
 template <int YBF16>
-__device__ __forceinline__ void partial8(const void* y, long long cap, int H, int k, const int* se, const int* sp,
-                                         const float* sw, long long c, float* acc)
+__device__ __forceinline__ void partial8(const void* y, int H, int n, const long long* sat, const float* sw,
+                                         long long c, float* acc)
 {
-    const int NB = YBF16 ? 8 : 4;  /* 128 bytes of loads in flight per lane */
-    for (int j0 = 0; j0 < k; j0 += NB) {
+    const int NB = YBF16 ? 4 : 2;  /* 64 bytes of loads in flight per lane (registers: 3 blocks of 256 per SM) */
+    for (int j0 = 0; j0 < n; j0 += NB) {
         uint4 q[NB][YBF16 ? 1 : 2];
         for (int jj = 0; jj < NB; ++jj) {
             const int j = j0 + jj;
-            if (j < k && se[j] >= 0) {
-                const long long at = ((long long)se[j] * cap + sp[j]) * H;
+            if (j < n) {
+                const long long at = sat[j] * H;
                 if (YBF16) {
                     q[jj][0] = ((const uint4*)((const u16*)y + at))[c];
                 } else {
@@ -208,7 +210,7 @@ __device__ __forceinline__ void partial8(const void* y, long long cap, int H, in
         }
         for (int jj = 0; jj < NB; ++jj) {
             const int j = j0 + jj;
-            if (j < k && se[j] >= 0) {
+            if (j < n) {
                 float v[8];
                 unpack8(q[jj], YBF16, v);
                 for (int i = 0; i < 8; ++i)
@@ -570,6 +572,52 @@ extern "C" __global__ void moe_dispatch_recv(
     }
 }
 
+/* moe_combine_send's units y, y + Y, ... of one source (a function per
+ * y dtype: one loop holding both would need ~50% more registers) */
+template <int YBF16>
+__device__ __forceinline__ void combine_units(const u8* inbox, const void* y, long long cap, int H, int s, int k,
+                                              int epr, const int* off, long long units, int parts, int nch,
+                                              long long drows_off, long long row_bytes, int max_tokens, u8* dst,
+                                              long long esz, int out_bf16)
+{
+    __shared__ long long sat[64];
+    __shared__ float sw[64];
+    __shared__ int nv;
+    const int tid = threadIdx.x, B = blockDim.x;
+    for (long long u = blockIdx.y; u < units; u += gridDim.y) {
+        const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
+        const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
+        const int* hdr = (const int*)row;
+        if (tid < 32) {  /* warp 0: the row's slots present here, compacted in slot order */
+            int m = 0;
+            for (int j0 = 0; j0 < k; j0 += 32) {
+                const int j = j0 + tid;
+                const int e = j < k ? hdr[1 + j] : -1;
+                const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
+                const int ok = p >= 0 && p < cap;
+                const u32 b = __ballot_sync(0xffffffffu, ok);
+                if (ok) {
+                    const int q = m + __popc(b & ((1u << tid) - 1u));
+                    sat[q] = (long long)e * cap + p;
+                    sw[q] = ((const float*)(row + 4 + 8 * k))[j];
+                }
+                m += __popc(b);
+            }
+            if (tid == 0)
+                nv = m;
+        }
+        __syncthreads();
+        if (c < nch) {
+            float acc[8];
+            for (int q = 0; q < 8; ++q)
+                acc[q] = 0.0f;
+            partial8<YBF16>(y, H, nv, sat, sw, c, acc);
+            store8(dst + (long long)i * H * esz, out_bf16, c, acc);
+        }
+        __syncthreads();
+    }
+}
+
 /* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
  * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
  * u % P (P = parts of blockDim.x chunks of 8 channels).  A block without a
@@ -582,8 +630,6 @@ extern "C" __global__ void moe_combine_send(
     long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
 {
     DYN_SHARED(int, off);  /* epr */
-    __shared__ int se[64], sp[64];
-    __shared__ float sw[64];
     const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
     /* offsets and row counts as dispatch_recv saw them: a source that has
      * finished this round may already be rewriting its meta in our inbox */
@@ -603,30 +649,12 @@ extern "C" __global__ void moe_combine_send(
     const long long esz = out_bf16 ? 2 : 4;
     u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
     __syncthreads();
-    for (long long u = blockIdx.y; u < units; u += gridDim.y) {
-        const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
-        const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
-        const int* hdr = (const int*)row;
-        for (int j = tid; j < k; j += B) {
-            const int e = hdr[1 + j];
-            const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
-            se[j] = (p >= 0 && p < cap) ? e : -1;
-            sp[j] = (int)p;
-            sw[j] = ((const float*)(row + 4 + 8 * k))[j];
-        }
-        __syncthreads();
-        if (c < nch) {
-            float acc[8];
-            for (int q = 0; q < 8; ++q)
-                acc[q] = 0.0f;
-            if (y_bf16)
-                partial8<1>(y, cap, H, k, se, sp, sw, c, acc);
-            else
-                partial8<0>(y, cap, H, k, se, sp, sw, c, acc);
-            store8(dst + (long long)i * H * esz, out_bf16, c, acc);
-        }
-        __syncthreads();
-    }
+    if (y_bf16)
+        combine_units<1>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
+                         esz, out_bf16);
+    else
+        combine_units<0>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
+                         esz, out_bf16);
     const u32 mine = (u32)((units - blockIdx.y + gridDim.y - 1) / gridDim.y);
     if (last_block(done + s, mine, (u32)units) && tid == 0)
         st_relaxed(flag, ((u64)seq << 32) | (u32)n);  /* after last_block's fence: a release */
