@@ -660,6 +660,52 @@ extern "C" __global__ void moe_combine_send(
         st_relaxed(flag, ((u64)seq << 32) | (u32)n);  /* after last_block's fence: a release */
 }
 
+/* moe_combine_recv's units (a loop per dtype, as combine_units): the
+ * partials of four (BF16) or two (float32) ranks loaded raw at once, then
+ * added in rank order */
+template <int BF16>
+__device__ __forceinline__ void recv_units(const u8* base, const int* rowidx, int T, int H, int ranks,
+                                           int max_tokens, void* out)
+{
+    const long long esz = BF16 ? 2 : 4;
+    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
+    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
+        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
+        if (c >= nch)
+            continue;
+        float acc[8];
+        for (int q = 0; q < 8; ++q)
+            acc[q] = 0.0f;
+        const int NR = BF16 ? 4 : 2;  /* 64 bytes a lane in flight */
+        for (int r0 = 0; r0 < ranks; r0 += NR) {
+            uint4 q[NR][BF16 ? 1 : 2];
+            int has[NR];
+            for (int rr = 0; rr < NR; ++rr) {
+                const int r = r0 + rr;
+                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
+                has[rr] = i >= 0;
+                if (i >= 0) {
+                    const uint4* row = (const uint4*)(base + ((long long)r * max_tokens + i) * H * esz);
+                    if (BF16) {
+                        q[rr][0] = row[c];
+                    } else {
+                        q[rr][0] = row[2 * c];
+                        q[rr][BF16 ? 0 : 1] = row[2 * c + 1];
+                    }
+                }
+            }
+            for (int rr = 0; rr < NR; ++rr)
+                if (has[rr]) {
+                    float v[8];
+                    unpack8(q[rr], BF16, v);
+                    for (int j = 0; j < 8; ++j)
+                        acc[j] = __fadd_rn(acc[j], v[j]);
+                }
+        }
+        store8((u8*)out + (long long)t * H * esz, BF16, c, acc);
+    }
+}
+
 /* grid (G): unit u = token u / P, channel part u % P */
 extern "C" __global__ void moe_combine_recv(
     const u8* inbox, const int* rowidx, int T, int H, int ranks, u32 seq, long long cflag_off,
@@ -671,32 +717,9 @@ extern "C" __global__ void moe_combine_recv(
     __syncthreads();
     if (!ok)
         return;
-    const u8* base = inbox + crows_off;
-    const long long esz = bf16 ? 2 : 4;
-    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
-    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
-        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
-        if (c >= nch)
-            continue;
-        float acc[8];
-        for (int q = 0; q < 8; ++q)
-            acc[q] = 0.0f;
-        for (int r0 = 0; r0 < ranks; r0 += 4) {  /* four ranks' loads in flight, then the sums in rank order */
-            float v[4][8];
-            int has[4];
-            for (int rr = 0; rr < 4; ++rr) {
-                const int r = r0 + rr;
-                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
-                has[rr] = i >= 0;
-                if (i >= 0)
-                    load8(base + ((long long)r * max_tokens + i) * H * esz, bf16, c, v[rr]);
-            }
-            for (int rr = 0; rr < 4; ++rr)
-                if (has[rr])
-                    for (int q = 0; q < 8; ++q)
-                        acc[q] = __fadd_rn(acc[q], v[rr][q]);
-        }
-        store8((u8*)out + (long long)t * H * esz, bf16, c, acc);
-    }
+    if (bf16)
+        recv_units<1>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
+    else
+        recv_units<0>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
 }
 """
