@@ -367,6 +367,17 @@ extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, in
     }
 }
 
+#define SID_WORDS 2048
+
+/* sid[i * ks + j] = expert id of slot j of token base + i (i < nt), -1 masked */
+__device__ __forceinline__ void stage_ids(int* sid, const void* idx, int idx64, int base, int nt, int k, int ks, int E)
+{
+    for (int q = threadIdx.x; q < nt * k; q += blockDim.x) {
+        const int i = q / k, j = q - i * k;
+        sid[i * ks + j] = expert_at(idx, idx64, (long long)base * k + q, E);
+    }
+}
+
 /* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64 (blocks (T, p > 0)
  * return at once: blocks (t < T, .) and (T, 0) count themselves done); dynamic shared
  * memory 4 * (ranks * epr + ranks) bytes (block (T, 0)'s histogram) */
@@ -379,9 +390,15 @@ extern "C" __global__ void moe_dispatch_send(
     DYN_SHARED(int, hist);
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
     __shared__ int nd;
+    __shared__ int sid[SID_WORDS];  /* a chunk of the routing: CH tokens, a row of ks ids each */
     const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, t = blockIdx.x;
     if (t == T && blockIdx.y != 0)
         return;  /* the counting row has one block: the others neither work nor count */
+    /* the routing is read in chunks, staged in shared memory by coalesced
+     * loads all in flight at once (a thread per token reading its own ids
+     * would wait for them one after another); an odd row stride avoids bank
+     * conflicts when a thread per token reads its row */
+    const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
     if (t == T) {
         {
             /* the metas: tokens per (destination, expert) and rows per destination */
@@ -389,22 +406,30 @@ extern "C" __global__ void moe_dispatch_send(
             for (int i = tid; i < E + ranks; i += B)
                 hist[i] = 0;
             __syncthreads();
-            for (int tt = tid; tt < T; tt += B)  /* a thread per token: its row's ids stay in L1 */
-                for (int j = 0; j < k; ++j) {
-                    const int e = expert_at(idx, idx64, (long long)tt * k + j, E);
-                    if (e < 0)
-                        continue;
-                    int first_e = 1, first_r = 1;
-                    for (int j2 = 0; j2 < j; ++j2) {
-                        const int e2 = expert_at(idx, idx64, (long long)tt * k + j2, E);
-                        first_e &= e2 != e;
-                        first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+            for (int base = 0; base < T; base += CH) {  /* a thread per token of the chunk */
+                const int nt = T - base < CH ? T - base : CH;
+                __syncthreads();
+                stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+                __syncthreads();
+                if (tid < nt) {
+                    const int* ids = sid + tid * ks;
+                    for (int j = 0; j < k; ++j) {
+                        const int e = ids[j];
+                        if (e < 0)
+                            continue;
+                        int first_e = 1, first_r = 1;
+                        for (int j2 = 0; j2 < j; ++j2) {
+                            const int e2 = ids[j2];
+                            first_e &= e2 != e;
+                            first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                        }
+                        if (first_e)
+                            atomicAdd(&hist[e], 1);
+                        if (first_r)
+                            atomicAdd(&rows[e / epr], 1);
                     }
-                    if (first_e)
-                        atomicAdd(&hist[e], 1);
-                    if (first_r)
-                        atomicAdd(&rows[e / epr], 1);
                 }
+            }
             __syncthreads();
             const int words = 2 + epr;
             for (int i = tid; i < ranks * words; i += B) {
@@ -427,11 +452,14 @@ extern "C" __global__ void moe_dispatch_send(
         }
         __syncthreads();
         const int lane = tid & 31;
-        for (int base = 0; base < t; base += B) {  /* a thread per earlier token, counts added up per warp */
-            const int t2 = base + tid;
+        for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
+            const int nt = t - base < CH ? t - base : CH;
+            __syncthreads();
+            stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+            __syncthreads();
             u64 pm = 0, dm = 0;
-            for (int j2 = 0; t2 < t && j2 < k; ++j2) {
-                const int e2 = expert_at(idx, idx64, (long long)t2 * k + j2, E);
+            for (int j2 = 0; tid < nt && j2 < k; ++j2) {
+                const int e2 = sid[tid * ks + j2];
                 if (e2 < 0)
                     continue;
                 const int r2 = e2 / epr;
