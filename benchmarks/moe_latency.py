@@ -29,6 +29,16 @@ kernels of each phase and prints, per stage, the p50/p99 of the slowest rank:
 expert), ``combine_send`` (weighted partial sums stored into the sources),
 ``combine_recv`` (waiting, then the sum over ranks).  The phase totals are
 measured the same way with or without it.
+
+What an interval contains: ``dispatch`` runs from an event recorded on the
+group's stream right after the gate kernel has finished to an event after
+``moe_dispatch_recv``: the two kernels' launches and runs, including the wait
+for the slowest peer's flag (so the skew with which the peers left their gates,
+about a host-memory poll, lands in the receive kernels), nothing queued by the
+host in between (the calls enqueue no events or cross-stream waits: the loop
+runs with ``ep.stream`` current).  ``combine`` likewise, after a second gate.
+The send stages of ``--breakdown`` are per rank and contain no skew; each
+extra event between two kernels adds a little to the phase it splits.
 """
 from __future__ import annotations
 
