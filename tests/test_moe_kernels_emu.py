@@ -96,6 +96,17 @@ async def test_gpu_kernels_equal_reference(ranks, epr, k, mode, cdt):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
 
 
+@pytest.mark.parametrize("hidden", [1024, 1608])
+async def test_gpu_kernels_long_rows(hidden):
+    """Rows long enough for dispatch_recv's eight-loads-a-lane copy, its
+    four-load step and its tail (float32 payloads of 256 and 402 uint4)."""
+    cfg = MoEConfig(4, 2, hidden, 2, 3, mode="float32", combine_dtype="float32")
+    eps = group(cfg)
+    ds, outs = run_round(eps, 31)
+    for r in range(2):
+        assert _moe_peer.check(cfg, r, 31, ds[r], outs[r]) is None
+
+
 async def test_gpu_kernels_bf16_expert_outputs():
     cfg = MoEConfig(4, 2, 128, 2, 5, mode="bf16")
     eps = group(cfg)

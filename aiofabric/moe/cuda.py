@@ -60,6 +60,7 @@ class CudaBackend:
                     _ = k.kernel  # compile and load for this device now, not in the middle of a round
                 except AttributeError:  # a CuPy without the property compiles at the first launch
                     break
+            self.sms = int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
             self._ev_out = cp.cuda.Event(block=False, disable_timing=True)

@@ -306,16 +306,25 @@ __device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, con
     }
 }
 
-/* n uint4 from s to d by the 32 lanes of a warp, four loads in flight per lane */
+/* n uint4 from s to d by the 32 lanes of a warp, eight loads in flight per
+ * lane (an FP8 row of 7168 channels: two rounds of loads, then the tail) */
 __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
 {
     long long v = lane;
-    for (; v + 96 < n; v += 128) {
-        const uint4 a = s[v], b = s[v + 32], c = s[v + 64], e = s[v + 96];
-        d[v] = a;
-        d[v + 32] = b;
-        d[v + 64] = c;
-        d[v + 96] = e;
+    for (; v + 224 < n; v += 256) {
+        uint4 a[8];
+        for (int i = 0; i < 8; ++i)
+            a[i] = s[v + 32 * i];
+        for (int i = 0; i < 8; ++i)
+            d[v + 32 * i] = a[i];
+    }
+    if (v + 96 < n) {
+        uint4 a[4];
+        for (int i = 0; i < 4; ++i)
+            a[i] = s[v + 32 * i];
+        for (int i = 0; i < 4; ++i)
+            d[v + 32 * i] = a[i];
+        v += 128;
     }
     for (; v < n; v += 32)
         d[v] = s[v];
