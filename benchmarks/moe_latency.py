@@ -6,7 +6,9 @@ DeepSeek-V3 shape: hidden 7168, 256 experts, top-8, FP8 dispatch (E4M3 with
 one float32 scale per 128 channels), BF16 combine; 1, 32 and 128 tokens per
 rank; EP2 and EP4 where the GPUs are there.  One process per GPU.  Every
 iteration all GPUs are released together by a gate kernel spinning on a
-host flag in shared memory (so host launch skew is not measured); each phase
+host flag in shared memory (so host launch skew is not measured); the calls are made with
+the group's own stream current (``ep.stream``), as a layer running on that
+stream would, so they enqueue no cross-stream event waits; each phase
 (dispatch, combine) is timed with CUDA events on every rank and the
 iteration's latency is the slowest rank's.  p50/p99 over ``--iters``
 iterations after ``--warmup``.
@@ -27,6 +29,16 @@ kernels of each phase and prints, per stage, the p50/p99 of the slowest rank:
 expert), ``combine_send`` (weighted partial sums stored into the sources),
 ``combine_recv`` (waiting, then the sum over ranks).  The phase totals are
 measured the same way with or without it.
+
+What an interval contains: ``dispatch`` runs from an event recorded on the
+group's stream right after the gate kernel has finished to an event after
+``moe_dispatch_recv``: the two kernels' launches and runs, including the wait
+for the slowest peer's flag (so the skew with which the peers left their gates,
+about a host-memory poll, lands in the receive kernels), nothing queued by the
+host in between (the calls enqueue no events or cross-stream waits: the loop
+runs with ``ep.stream`` current).  ``combine`` likewise, after a second gate.
+The send stages of ``--breakdown`` are per rank and contain no skew; each
+extra event between two kernels adds a little to the phase it splits.
 """
 from __future__ import annotations
 
@@ -145,8 +157,10 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     for tokens in tokens_list:
         x_h, idx_h, w_h = _problem(ep, tokens, rank)
         x, idx, w = cp.asarray(x_h), cp.asarray(idx_h[rank]), cp.asarray(w_h)
+        cp.cuda.Device(rank).synchronize()  # inputs (and y) made on the null stream are ready
         ours_d, ours_c = [], []
         stages: dict = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
+        stream.use()  # the caller runs on the group's stream: no cross-stream event waits in the calls
         for it in range(warmup + iters):
             step += 2
             gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=stream)
@@ -174,6 +188,7 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
                     for key, a, b in (("dispatch_send", 0, 4), ("dispatch_recv", 4, 1), ("combine_send", 2, 5),
                                       ("combine_recv", 5, 3)):
                         stages[key].append(cp.cuda.get_elapsed_time(ev[a], ev[b]) * 1e3)
+        cp.cuda.Stream.null.use()
         moe.synchronize()
         res = {"aiofabric_dispatch_us": ours_d, "aiofabric_combine_us": ours_c}
         if breakdown:

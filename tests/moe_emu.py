@@ -82,6 +82,9 @@ static inline int atomicCAS(int* p, int cmp, int v)
 }
 static inline u64 ld_acquire(const u64* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st_release(u64* p, u64 v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline u64 ld_relaxed(const u64* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void st_relaxed(u64* p, u64 v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void fence_sys() { std::atomic_thread_fence(std::memory_order_acq_rel); }
 static inline u64 now_ns()
 {
     return (u64)std::chrono::duration_cast<std::chrono::nanoseconds>(

@@ -85,6 +85,7 @@ def run_round(eps, seed, ydtype=np.float32):
     (2, 3, 4, "fp8", "bf16"),
     (3, 2, 3, "bf16", "float32"),
     (2, 2, 4, "float32", "bf16"),
+    (2, 24, 40, "bf16", "bf16"),  # topk > 32: combine_send compacts the slots in two ballots
 ])
 async def test_gpu_kernels_equal_reference(ranks, epr, k, mode, cdt):
     cfg = MoEConfig(ranks * epr, ranks, 256, k, 6, mode=mode, combine_dtype=cdt)
@@ -93,6 +94,17 @@ async def test_gpu_kernels_equal_reference(ranks, epr, k, mode, cdt):
         ds, outs = run_round(eps, seed)
         for r in range(ranks):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+
+
+@pytest.mark.parametrize("hidden", [1024, 1608])
+async def test_gpu_kernels_long_rows(hidden):
+    """Rows long enough for dispatch_recv's eight-loads-a-lane copy, its
+    four-load step and its tail (float32 payloads of 256 and 402 uint4)."""
+    cfg = MoEConfig(4, 2, hidden, 2, 3, mode="float32", combine_dtype="float32")
+    eps = group(cfg)
+    ds, outs = run_round(eps, 31)
+    for r in range(2):
+        assert _moe_peer.check(cfg, r, 31, ds[r], outs[r]) is None
 
 
 async def test_gpu_kernels_bf16_expert_outputs():
@@ -239,6 +251,43 @@ async def test_gpu_kernels_many_tokens_and_blocks():
     assert eps[0]._b.launches == ["moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv"] * 2
 
 
+async def test_done_counters_count_units_over_rounds():
+    """combine_send's blocks each take several units (a grid smaller than the
+    work) or none (a grid larger than it; a source that sent nothing): the
+    block completing a source's units raises its flag, and every done counter
+    is back at zero after each round (no reset kernel or memset)."""
+    cfg = MoEConfig(6, 2, 256, 3, 7, mode="fp8", combine_dtype="bf16")
+    eps = group(cfg)
+    for seed, csend_y in ((21, 2), (22, 3), (23, 64), (24, 1)):
+        for ep in eps:
+            ep._csend_y = csend_y
+        ds, outs = run_round(eps, seed)
+        for r in range(cfg.ranks):
+            assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+        for ep in eps:
+            assert not ep._done_d.any() and not ep._done_c.any()
+    # a rank with no tokens at all: its peers' combine_send has no unit for it
+    lib_eps = eps
+    empty = np.zeros((0, cfg.hidden), np.float32)
+    none_i, none_w = np.zeros((0, cfg.topk), np.int64), np.zeros((0, cfg.topk), np.float32)
+    x1 = np.ones((2, cfg.hidden), np.float32)
+    i1 = np.array([[0, 3, -1], [4, 5, 1]], np.int64)
+    w1 = np.full((2, cfg.topk), 0.5, np.float32)
+    lib_eps[0].dispatch_send(empty, none_i, none_w)
+    lib_eps[1].dispatch_send(x1, i1, w1)
+    for ep in lib_eps:
+        ep.dispatch_recv()
+    for ep in lib_eps:
+        ep.combine_send(np.ones((cfg.experts_per_rank, cfg.capacity, cfg.hidden), np.float32))
+    outs = [ep.combine_recv().copy() for ep in lib_eps]
+    for ep in lib_eps:
+        ep.synchronize()
+        assert not ep._done_d.any() and not ep._done_c.any()
+    assert outs[0].shape == (0, cfg.hidden)
+    from aiofabric.moe.numerics import bf16_to_f32
+    assert np.array_equal(bf16_to_f32(outs[1]), np.full((2, cfg.hidden), [[1.0], [1.5]], np.float32))
+
+
 @pytest.mark.parametrize("in_dtype", [np.float32, np.uint16])
 async def test_pack_fp8_every_code_and_tie(in_dtype):
     """moe_pack's FP8 codes against numerics on every code, the midpoints
@@ -302,3 +351,39 @@ async def test_duplicate_expert_without_validation_gets_the_token_once():
     p1 = np.float32(0.125) * y
     assert np.array_equal(outs[0][0], p0 + p1)
     assert not outs[0][1].any() and outs[1].shape == (0, 128)
+
+
+async def test_cuda_backend_skips_events_on_its_own_stream():
+    """begin()/end() enqueue an event record and a cross-stream wait only when
+    the caller's current stream is not the group's (a fake CuPy, no GPU)."""
+    import contextlib
+    import types
+
+    from aiofabric.moe.cuda import CudaBackend
+
+    log = []
+
+    class S:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def wait_event(self, ev):
+            log.append(("wait", self.ptr))
+
+    class Ev:
+        def record(self, s):
+            log.append(("record", s.ptr))
+
+    cur = [S(0)]
+    b = object.__new__(CudaBackend)
+    b.stream, b._ev_in, b._ev_out = S(7), Ev(), Ev()
+    b.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: cur[0]))
+    b.ctx = contextlib.nullcontext
+    b.begin()
+    b.end()
+    assert log == [("record", 0), ("wait", 7), ("record", 7), ("wait", 0)]
+    log.clear()
+    cur[0] = S(7)
+    b.begin()
+    b.end()
+    assert log == []

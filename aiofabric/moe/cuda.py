@@ -60,6 +60,7 @@ class CudaBackend:
                     _ = k.kernel  # compile and load for this device now, not in the middle of a round
                 except AttributeError:  # a CuPy without the property compiles at the first launch
                     break
+            self.sms = int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
             self._ev_out = cp.cuda.Event(block=False, disable_timing=True)
@@ -85,17 +86,27 @@ class CudaBackend:
         with self.ctx():
             self._k[name](grid, (block,), kernel_args(name, values), shared_mem=shared, stream=self.stream)
 
+    def _foreign(self) -> Any:
+        """The caller's current stream, or None when it is ours (already in order)."""
+        cur = self.xp.cuda.get_current_stream()
+        return None if cur.ptr == self.stream.ptr else cur
+
     def begin(self) -> None:
-        """Our stream waits for the work the caller queued on its current stream."""
+        """Our stream waits for the work the caller queued on its current stream
+        (nothing to do when the caller runs on our stream)."""
         with self.ctx():
-            self._ev_in.record(self.xp.cuda.get_current_stream())
-            self.stream.wait_event(self._ev_in)
+            cur = self._foreign()
+            if cur is not None:
+                self._ev_in.record(cur)
+                self.stream.wait_event(self._ev_in)
 
     def end(self) -> None:
-        """The caller's current stream waits for our work."""
+        """The caller's current stream waits for our work (unless it is ours)."""
         with self.ctx():
-            self._ev_out.record(self.stream)
-            self.xp.cuda.get_current_stream().wait_event(self._ev_out)
+            cur = self._foreign()
+            if cur is not None:
+                self._ev_out.record(self.stream)
+                cur.wait_event(self._ev_out)
 
     def synchronize(self) -> None:
         self.stream.synchronize()

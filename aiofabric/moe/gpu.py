@@ -95,6 +95,9 @@ class GpuExpertParallel:
         self._parts = max(1, -(-(c.hidden // 8) // threads))
         warps = threads // 32
         self._recv_y = max(1, min(-(-mt * c.topk // warps), max(1, 1024 // ranks)))
+        sms = getattr(b, "sms", None)
+        if sms:  # dispatch_recv's blocks (72 registers a thread) all resident at once: they spin on flags
+            self._recv_y = max(1, min(self._recv_y, 3 * sms * 256 // (threads * ranks)))
         self._csend_y = max(1, min(mt * self._parts, max(1, 1024 // ranks)))
         self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
         self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
@@ -114,6 +117,14 @@ class GpuExpertParallel:
         self._state = "idle"
         self._t = 0
         self._closed = False
+
+    @property
+    def stream(self) -> Any:
+        """The stream the kernels run on (CuPy ``Stream``).  A caller that makes
+        it current (``with ep.stream:``) for its own work around the calls
+        saves the event record and cross-stream wait each call otherwise
+        enqueues on both streams."""
+        return getattr(self._b, "stream", None)
 
     # -- connecting -----------------------------------------------------------------
 

@@ -19,16 +19,18 @@ them (one CUDA stream, in this order per round):
                       of every destination's inbox (CUDA IPC mapping); block
                       (t, 0) also writes the row headers.  Block (T, 0) counts
                       tokens per (destination, expert) and writes the metas.
-                      Every block fences and counts itself done; the last one
-                      raises every destination's flag ``seq << 32 | rows``
-                      (system-scope release stores)
-``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (acquire loads,
-                      bounded by a timeout) on the flags of sources 0..s,
+                      Every block counts itself done (its thread 0 alone
+                      fences, after a barrier); the last one raises every
+                      destination's flag ``seq << 32 | rows`` (system-scope
+                      release)
+``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (relaxed polls,
+                      then one acquiring fence; bounded by a timeout) on the flags of sources 0..s,
                       then its warps expand source s's rows, a warp per
                       (row, slot), into the per-expert arrays
 ``moe_combine_send``  grid (ranks, Y): a block per (row of source s, channel
                       part): weighted partial sums over this rank's slots,
-                      16-byte stores into s's inbox; the last block for s
+                      16-byte stores into s's inbox; blocks without a unit
+                      return at once; the block completing s's units
                       raises s's combine flag
 ``moe_combine_recv``  grid (T x parts): spins on every rank's combine flag,
                       then sums the partials in rank order
@@ -62,6 +64,25 @@ __device__ __forceinline__ u64 ld_acquire(const u64* p)
 __device__ __forceinline__ void st_release(u64* p, u64 v)
 {
     asm volatile("st.release.sys.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+/* a spin's poll: no ordering of its own (fence_sys after the value is seen) */
+__device__ __forceinline__ u64 ld_relaxed(const u64* p)
+{
+    u64 v;
+    asm volatile("ld.relaxed.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+/* after fence_sys: the fence makes this store a release */
+__device__ __forceinline__ void st_relaxed(u64* p, u64 v)
+{
+    asm volatile("st.relaxed.sys.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+/* one thread's system-scope acquire+release fence (cheaper than the
+ * sequentially consistent __threadfence_system); cumulative: after a
+ * __syncthreads it orders the whole block's earlier stores */
+__device__ __forceinline__ void fence_sys()
+{
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 __device__ __forceinline__ u64 now_ns()
 {
@@ -109,12 +130,13 @@ __device__ __forceinline__ u8 f32_e4m3(float x)
 }
 
 
-/* thread 0: wait until flags[from..to) carry round seq; 0 on timeout (err set) */
+/* thread 0: wait until flags[from..to) carry round seq (relaxed polls, then
+ * one acquiring fence); 0 on timeout (err set) */
 __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeout_ns, int* err)
 {
     const u64 start = now_ns();
     for (int s = from; s < to; ++s) {
-        while ((u32)(ld_acquire(flags + s) >> 32) != seq) {
+        while ((u32)(ld_relaxed(flags + s) >> 32) != seq) {
             if (now_ns() - start > timeout_ns) {
                 atomicCAS(err, 0, 1 + s);
                 return 0;
@@ -122,6 +144,7 @@ __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeo
             PAUSE();
         }
     }
+    fence_sys();
     return 1;
 }
 
@@ -161,20 +184,22 @@ __device__ __forceinline__ void load8(const void* row, int bf16, long long c, fl
     unpack8(q, bf16, v);
 }
 
-/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7,
- * slot by slot in slot order (float32 multiply, then add); the loads of
- * eight (BF16) or four (float32) slots are in flight at once, kept raw */
+/* acc += the weighted outputs of this rank's slots for channels 8c..8c+7:
+ * slot (expert, position) rows sat[0..n) (only the slots present here,
+ * compacted in slot order), weights sw; float32 multiply, then add, in slot
+ * order; the loads of four (BF16) or two (float32) slots are in flight at
+ * once, kept raw */
 template <int YBF16>
-__device__ __forceinline__ void partial8(const void* y, long long cap, int H, int k, const int* se, const int* sp,
-                                         const float* sw, long long c, float* acc)
+__device__ __forceinline__ void partial8(const void* y, int H, int n, const long long* sat, const float* sw,
+                                         long long c, float* acc)
 {
-    const int NB = YBF16 ? 8 : 4;  /* 128 bytes of loads in flight per lane */
-    for (int j0 = 0; j0 < k; j0 += NB) {
+    const int NB = YBF16 ? 4 : 2;  /* 64 bytes of loads in flight per lane (registers: 3 blocks of 256 per SM) */
+    for (int j0 = 0; j0 < n; j0 += NB) {
         uint4 q[NB][YBF16 ? 1 : 2];
         for (int jj = 0; jj < NB; ++jj) {
             const int j = j0 + jj;
-            if (j < k && se[j] >= 0) {
-                const long long at = ((long long)se[j] * cap + sp[j]) * H;
+            if (j < n) {
+                const long long at = sat[j] * H;
                 if (YBF16) {
                     q[jj][0] = ((const uint4*)((const u16*)y + at))[c];
                 } else {
@@ -185,7 +210,7 @@ __device__ __forceinline__ void partial8(const void* y, long long cap, int H, in
         }
         for (int jj = 0; jj < NB; ++jj) {
             const int j = j0 + jj;
-            if (j < k && se[j] >= 0) {
+            if (j < n) {
                 float v[8];
                 unpack8(q[jj], YBF16, v);
                 for (int i = 0; i < 8; ++i)
@@ -281,38 +306,51 @@ __device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, con
     }
 }
 
-/* n uint4 from s to d by the 32 lanes of a warp, four loads in flight per lane */
+/* n uint4 from s to d by the 32 lanes of a warp, eight loads in flight per
+ * lane (an FP8 row of 7168 channels: two rounds of loads, then the tail) */
 __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
 {
     long long v = lane;
-    for (; v + 96 < n; v += 128) {
-        const uint4 a = s[v], b = s[v + 32], c = s[v + 64], e = s[v + 96];
-        d[v] = a;
-        d[v + 32] = b;
-        d[v + 64] = c;
-        d[v + 96] = e;
+    for (; v + 224 < n; v += 256) {
+        uint4 a[8];
+        for (int i = 0; i < 8; ++i)
+            a[i] = s[v + 32 * i];
+        for (int i = 0; i < 8; ++i)
+            d[v + 32 * i] = a[i];
+    }
+    if (v + 96 < n) {
+        uint4 a[4];
+        for (int i = 0; i < 4; ++i)
+            a[i] = s[v + 32 * i];
+        for (int i = 0; i < 4; ++i)
+            d[v + 32 * i] = a[i];
+        v += 128;
     }
     for (; v < n; v += 32)
         d[v] = s[v];
 }
 
-/* Every block: make its stores visible system-wide and count itself done on
- * *done; returns 1 in every thread of the last of `total` blocks (which then
- * resets the counter for the next launch), after an acquiring fence. */
-__device__ __forceinline__ int last_block(u32* done, u32 total)
+/* A block that has done `add` of `total` units of work: after a barrier, its
+ * thread 0 alone fences (system-scope release, cumulative over the block's
+ * stores) and adds `add` to *done; it returns 1 in every thread of the block
+ * that completes the total, after thread 0 reset the counter for the next
+ * launch and fenced again (acquire: every other block's stores are then
+ * ordered before whatever this block stores next, e.g. the flags, which
+ * thread 0 writes with st_relaxed).  One fence per block, not per thread: a
+ * system fence waits for the NVLink stores in flight and costs microseconds. */
+__device__ __forceinline__ int last_block(u32* done, u32 add, u32 total)
 {
     __shared__ int last;
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1u) == total - 1;
-        if (last)
+        fence_sys();
+        last = atomicAdd(done, add) + add == total;
+        if (last) {
             *done = 0;
-        __threadfence_system();
+            fence_sys();
+        }
     }
     __syncthreads();
-    if (last)
-        __threadfence_system();
     return last;
 }
 
@@ -338,7 +376,19 @@ extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, in
     }
 }
 
-/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64; dynamic shared
+#define SID_WORDS 2048
+
+/* sid[i * ks + j] = expert id of slot j of token base + i (i < nt), -1 masked */
+__device__ __forceinline__ void stage_ids(int* sid, const void* idx, int idx64, int base, int nt, int k, int ks, int E)
+{
+    for (int q = threadIdx.x; q < nt * k; q += blockDim.x) {
+        const int i = q / k, j = q - i * k;
+        sid[i * ks + j] = expert_at(idx, idx64, (long long)base * k + q, E);
+    }
+}
+
+/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64 (blocks (T, p > 0)
+ * return at once: blocks (t < T, .) and (T, 0) count themselves done); dynamic shared
  * memory 4 * (ranks * epr + ranks) bytes (block (T, 0)'s histogram) */
 extern "C" __global__ void moe_dispatch_send(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
@@ -349,30 +399,46 @@ extern "C" __global__ void moe_dispatch_send(
     DYN_SHARED(int, hist);
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
     __shared__ int nd;
+    __shared__ int sid[SID_WORDS];  /* a chunk of the routing: CH tokens, a row of ks ids each */
     const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, t = blockIdx.x;
+    if (t == T && blockIdx.y != 0)
+        return;  /* the counting row has one block: the others neither work nor count */
+    /* the routing is read in chunks, staged in shared memory by coalesced
+     * loads all in flight at once (a thread per token reading its own ids
+     * would wait for them one after another); an odd row stride avoids bank
+     * conflicts when a thread per token reads its row */
+    const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
     if (t == T) {
-        if (blockIdx.y == 0) {
+        {
             /* the metas: tokens per (destination, expert) and rows per destination */
             int* rows = hist + E;
             for (int i = tid; i < E + ranks; i += B)
                 hist[i] = 0;
             __syncthreads();
-            for (int tt = tid; tt < T; tt += B)  /* a thread per token: its row's ids stay in L1 */
-                for (int j = 0; j < k; ++j) {
-                    const int e = expert_at(idx, idx64, (long long)tt * k + j, E);
-                    if (e < 0)
-                        continue;
-                    int first_e = 1, first_r = 1;
-                    for (int j2 = 0; j2 < j; ++j2) {
-                        const int e2 = expert_at(idx, idx64, (long long)tt * k + j2, E);
-                        first_e &= e2 != e;
-                        first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+            for (int base = 0; base < T; base += CH) {  /* a thread per token of the chunk */
+                const int nt = T - base < CH ? T - base : CH;
+                __syncthreads();
+                stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+                __syncthreads();
+                if (tid < nt) {
+                    const int* ids = sid + tid * ks;
+                    for (int j = 0; j < k; ++j) {
+                        const int e = ids[j];
+                        if (e < 0)
+                            continue;
+                        int first_e = 1, first_r = 1;
+                        for (int j2 = 0; j2 < j; ++j2) {
+                            const int e2 = ids[j2];
+                            first_e &= e2 != e;
+                            first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                        }
+                        if (first_e)
+                            atomicAdd(&hist[e], 1);
+                        if (first_r)
+                            atomicAdd(&rows[e / epr], 1);
                     }
-                    if (first_e)
-                        atomicAdd(&hist[e], 1);
-                    if (first_r)
-                        atomicAdd(&rows[e / epr], 1);
                 }
+            }
             __syncthreads();
             const int words = 2 + epr;
             for (int i = tid; i < ranks * words; i += B) {
@@ -395,11 +461,14 @@ extern "C" __global__ void moe_dispatch_send(
         }
         __syncthreads();
         const int lane = tid & 31;
-        for (int base = 0; base < t; base += B) {  /* a thread per earlier token, counts added up per warp */
-            const int t2 = base + tid;
+        for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
+            const int nt = t - base < CH ? t - base : CH;
+            __syncthreads();
+            stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+            __syncthreads();
             u64 pm = 0, dm = 0;
-            for (int j2 = 0; t2 < t && j2 < k; ++j2) {
-                const int e2 = expert_at(idx, idx64, (long long)t2 * k + j2, E);
+            for (int j2 = 0; tid < nt && j2 < k; ++j2) {
+                const int e2 = sid[tid * ks + j2];
                 if (e2 < 0)
                     continue;
                 const int r2 = e2 / epr;
@@ -471,10 +540,10 @@ extern "C" __global__ void moe_dispatch_send(
             }
         }
     }
-    if (last_block(done, gridDim.x * gridDim.y)) {
-        for (int r = tid; r < ranks; r += B) {
+    if (last_block(done, 1u, (gridDim.x - 1) * gridDim.y + 1) && tid == 0) {
+        for (int r = 0; r < ranks; ++r) {  /* after last_block's fence: release stores */
             const u32 n = (u32)((volatile const int*)nrows)[r];
-            st_release((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
+            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
         }
     }
 }
@@ -540,54 +609,138 @@ extern "C" __global__ void moe_dispatch_recv(
     }
 }
 
-/* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
- * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
- * u % P (P = parts of blockDim.x chunks of 8 channels). */
-extern "C" __global__ void moe_combine_send(
-    const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
-    int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
-    long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
+/* moe_combine_send's units y, y + Y, ... of one source (a function per
+ * y dtype: one loop holding both would need ~50% more registers) */
+template <int YBF16>
+__device__ __forceinline__ void combine_units(const u8* inbox, const void* y, long long cap, int H, int s, int k,
+                                              int epr, const int* off, long long units, int parts, int nch,
+                                              long long drows_off, long long row_bytes, int max_tokens, u8* dst,
+                                              long long esz, int out_bf16)
 {
-    DYN_SHARED(int, off);  /* epr */
-    __shared__ int se[64], sp[64];
+    __shared__ long long sat[64];
     __shared__ float sw[64];
-    const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
-    /* offsets and row counts as dispatch_recv saw them: a source that has
-     * finished this round may already be rewriting its meta in our inbox */
-    for (int e = tid; e < epr; e += B)
-        off[e] = offs[s * epr + e];
-    const int n = nrecv[s];
-    const long long esz = out_bf16 ? 2 : 4;
-    u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
-    const int nch = H / 8, parts = (nch + B - 1) / B;
-    const long long units = (long long)(n < max_tokens ? n : max_tokens) * parts;
-    __syncthreads();
+    __shared__ int nv;
+    const int tid = threadIdx.x, B = blockDim.x;
     for (long long u = blockIdx.y; u < units; u += gridDim.y) {
         const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         const int* hdr = (const int*)row;
-        for (int j = tid; j < k; j += B) {
-            const int e = hdr[1 + j];
-            const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
-            se[j] = (p >= 0 && p < cap) ? e : -1;
-            sp[j] = (int)p;
-            sw[j] = ((const float*)(row + 4 + 8 * k))[j];
+        if (tid < 32) {  /* warp 0: the row's slots present here, compacted in slot order */
+            int m = 0;
+            for (int j0 = 0; j0 < k; j0 += 32) {
+                const int j = j0 + tid;
+                const int e = j < k ? hdr[1 + j] : -1;
+                const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
+                const int ok = p >= 0 && p < cap;
+                const u32 b = __ballot_sync(0xffffffffu, ok);
+                if (ok) {
+                    const int q = m + __popc(b & ((1u << tid) - 1u));
+                    sat[q] = (long long)e * cap + p;
+                    sw[q] = ((const float*)(row + 4 + 8 * k))[j];
+                }
+                m += __popc(b);
+            }
+            if (tid == 0)
+                nv = m;
         }
         __syncthreads();
         if (c < nch) {
             float acc[8];
             for (int q = 0; q < 8; ++q)
                 acc[q] = 0.0f;
-            if (y_bf16)
-                partial8<1>(y, cap, H, k, se, sp, sw, c, acc);
-            else
-                partial8<0>(y, cap, H, k, se, sp, sw, c, acc);
+            partial8<YBF16>(y, H, nv, sat, sw, c, acc);
             store8(dst + (long long)i * H * esz, out_bf16, c, acc);
         }
         __syncthreads();
     }
-    if (last_block(done + s, gridDim.y) && tid == 0)
-        st_release((u64*)((u8*)peers[s] + cflag_off) + me, ((u64)seq << 32) | (u32)n);
+}
+
+/* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
+ * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
+ * u % P (P = parts of blockDim.x chunks of 8 channels).  A block without a
+ * unit returns at once (no fence, no count): the counter for s counts units,
+ * and the block that completes them raises s's flag (block (s, 0) when there
+ * are none). */
+extern "C" __global__ void moe_combine_send(
+    const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
+    int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
+    long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
+{
+    DYN_SHARED(int, off);  /* epr */
+    const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
+    /* offsets and row counts as dispatch_recv saw them: a source that has
+     * finished this round may already be rewriting its meta in our inbox */
+    const int n = nrecv[s];
+    const int nch = H / 8, parts = (nch + B - 1) / B;
+    const long long units = (long long)(n < max_tokens ? n : max_tokens) * parts;
+    u64* flag = (u64*)((u8*)peers[s] + cflag_off) + me;
+    if (units == 0) {
+        if (blockIdx.y == 0 && tid == 0)
+            st_release(flag, ((u64)seq << 32) | (u32)n);
+        return;
+    }
+    if ((long long)blockIdx.y >= units)
+        return;
+    for (int e = tid; e < epr; e += B)
+        off[e] = offs[s * epr + e];
+    const long long esz = out_bf16 ? 2 : 4;
+    u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
+    __syncthreads();
+    if (y_bf16)
+        combine_units<1>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
+                         esz, out_bf16);
+    else
+        combine_units<0>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
+                         esz, out_bf16);
+    const u32 mine = (u32)((units - blockIdx.y + gridDim.y - 1) / gridDim.y);
+    if (last_block(done + s, mine, (u32)units) && tid == 0)
+        st_relaxed(flag, ((u64)seq << 32) | (u32)n);  /* after last_block's fence: a release */
+}
+
+/* moe_combine_recv's units (a loop per dtype, as combine_units): the
+ * partials of four (BF16) or two (float32) ranks loaded raw at once, then
+ * added in rank order */
+template <int BF16>
+__device__ __forceinline__ void recv_units(const u8* base, const int* rowidx, int T, int H, int ranks,
+                                           int max_tokens, void* out)
+{
+    const long long esz = BF16 ? 2 : 4;
+    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
+    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
+        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
+        if (c >= nch)
+            continue;
+        float acc[8];
+        for (int q = 0; q < 8; ++q)
+            acc[q] = 0.0f;
+        const int NR = BF16 ? 4 : 2;  /* 64 bytes a lane in flight */
+        for (int r0 = 0; r0 < ranks; r0 += NR) {
+            uint4 q[NR][BF16 ? 1 : 2];
+            int has[NR];
+            for (int rr = 0; rr < NR; ++rr) {
+                const int r = r0 + rr;
+                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
+                has[rr] = i >= 0;
+                if (i >= 0) {
+                    const uint4* row = (const uint4*)(base + ((long long)r * max_tokens + i) * H * esz);
+                    if (BF16) {
+                        q[rr][0] = row[c];
+                    } else {
+                        q[rr][0] = row[2 * c];
+                        q[rr][BF16 ? 0 : 1] = row[2 * c + 1];
+                    }
+                }
+            }
+            for (int rr = 0; rr < NR; ++rr)
+                if (has[rr]) {
+                    float v[8];
+                    unpack8(q[rr], BF16, v);
+                    for (int j = 0; j < 8; ++j)
+                        acc[j] = __fadd_rn(acc[j], v[j]);
+                }
+        }
+        store8((u8*)out + (long long)t * H * esz, BF16, c, acc);
+    }
 }
 
 /* grid (G): unit u = token u / P, channel part u % P */
@@ -601,32 +754,9 @@ extern "C" __global__ void moe_combine_recv(
     __syncthreads();
     if (!ok)
         return;
-    const u8* base = inbox + crows_off;
-    const long long esz = bf16 ? 2 : 4;
-    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
-    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
-        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
-        if (c >= nch)
-            continue;
-        float acc[8];
-        for (int q = 0; q < 8; ++q)
-            acc[q] = 0.0f;
-        for (int r0 = 0; r0 < ranks; r0 += 4) {  /* four ranks' loads in flight, then the sums in rank order */
-            float v[4][8];
-            int has[4];
-            for (int rr = 0; rr < 4; ++rr) {
-                const int r = r0 + rr;
-                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
-                has[rr] = i >= 0;
-                if (i >= 0)
-                    load8(base + ((long long)r * max_tokens + i) * H * esz, bf16, c, v[rr]);
-            }
-            for (int rr = 0; rr < 4; ++rr)
-                if (has[rr])
-                    for (int q = 0; q < 8; ++q)
-                        acc[q] = __fadd_rn(acc[q], v[rr][q]);
-        }
-        store8((u8*)out + (long long)t * H * esz, bf16, c, acc);
-    }
+    if (bf16)
+        recv_units<1>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
+    else
+        recv_units<0>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
 }
 """
