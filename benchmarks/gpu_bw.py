@@ -88,16 +88,38 @@ async def run(reps: int) -> dict:
             didx = rng.choice(slots, n, replace=False).astype(np.int64)
             total = page * n
             await a.write_pages(rs, desc, page, sidx, didx)
-            fab, ceil, naive = [], [], []
-            for _ in range(reps):
+            a._gpu.mapped_args = False
+            await a.write_pages(rs, desc, page, sidx, didx)
+            # aiofabric in both argument modes and the contiguous copy, taking
+            # turns (the order rotates each repetition); the per-page loop apart,
+            # after them (2048+ calls: it would disturb whatever follows it).
+            fab, uploaded, ceil, naive = [], [], [], []
+
+            async def one_call(mapped: bool, page: int = page, sidx: np.ndarray = sidx,
+                               didx: np.ndarray = didx) -> float:
+                a._gpu.mapped_args = mapped
                 t0 = time.perf_counter()
                 await a.write_pages(rs, desc, page, sidx, didx)
-                fab.append(time.perf_counter() - t0)
+                return time.perf_counter() - t0
+
+            def contiguous(total: int = total) -> float:
                 with cp.cuda.Device(s_dev):
                     t0 = time.perf_counter()
                     peer_copy(dst.data.ptr, src.data.ptr, total)
                     stream.synchronize()
-                    ceil.append(time.perf_counter() - t0)
+                    return time.perf_counter() - t0
+
+            for i in range(reps):
+                for step in ((0, 1, 2), (1, 2, 0), (2, 0, 1))[i % 3]:
+                    if step == 0:
+                        fab.append(await one_call(True))
+                    elif step == 1:
+                        uploaded.append(await one_call(False))
+                    else:
+                        ceil.append(contiguous())
+            a._gpu.mapped_args = True
+            with cp.cuda.Device(s_dev):
+                for _ in range(3):
                     t0 = time.perf_counter()
                     for k in range(n):
                         peer_copy(dst.data.ptr + int(didx[k]) * page, src.data.ptr + int(sidx[k]) * page, page)
@@ -131,14 +153,6 @@ async def run(reps: int) -> dict:
                 calls.append(t1 - t0)
                 device_wait.append(t2 - t1)
                 detect.append(t3 - t2)
-            a._gpu.mapped_args = False  # the same calls, arguments uploaded to the device first
-            await a.write_pages(rs, desc, page, sidx, didx)
-            uploaded = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                await a.write_pages(rs, desc, page, sidx, didx)
-                uploaded.append(time.perf_counter() - t0)
-            a._gpu.mapped_args = True
             piped = []  # four calls in flight, as a layer-by-layer sender issues them
             for _ in range(reps):
                 t0 = time.perf_counter()

@@ -22,4 +22,4 @@ TAIL=14 part 50 moe_breakdown python3 -m benchmarks.moe_latency --iters 200 --wa
 TAIL=8 part 50 test_weights_gpu python3 -m pytest tests/test_weights_gpu.py -q -rs -p no:cacheprovider --timeout 40
 TAIL=8 part 70 weights_bw python3 -m benchmarks.weights_bw --gpus 2 --gb 8 --reps 3 --json "$R/weights_bw.json"
 TAIL=8 part 70 test_disagg_gpu python3 -m pytest tests/test_disagg_gpu.py -q -rs -s -p no:cacheprovider --timeout 60
-TAIL=30 PYTHONPATH=$PWD part 80 disagg_gpu python3 examples/disagg_serving.py --device cuda --lengths 1024,4096 --repeats 2 --png "$R/disagg_gpu_timeline.png"
+TAIL=30 PYTHONPATH=$PWD:$PYTHONPATH part 80 disagg_gpu python3 examples/disagg_serving.py --device cuda --lengths 1024,4096 --repeats 2 --png "$R/disagg_gpu_timeline.png"
