@@ -244,10 +244,10 @@ class GpuPath:
         self._staging: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
         self._events: dict[int, list[Any]] = {}
         self._mapped_host: dict[int, int] = {}
-        #: page lists: the kernel reads its arguments and indices straight from
-        #: pinned host memory (True), or from a device copy uploaded first
-        #: (False); the first saves a copy call and its latency (docs/gpu.md)
-        self.mapped_args = True
+        #: page lists: the kernel reads its arguments and indices from a device
+        #: copy uploaded first (False), or straight from pinned host memory
+        #: (True); measured taking turns, the upload was as fast or faster (docs/gpu.md)
+        self.mapped_args = False
 
     # -- where to write ------------------------------------------------------
 
