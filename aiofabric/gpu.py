@@ -176,6 +176,9 @@ def gpu_handle(buf: CudaBuffer) -> GpuHandle:
         if rc != 0:
             raise UnavailableError(f"cuMemGetAddressRange failed (CUresult {rc})")
         ipc = bytes(cp.cuda.runtime.ipcGetMemHandle(base.value))
+        # Work already queued on the device (say the zeroing of a fresh array)
+        # completes before anyone can learn the descriptor and write into it.
+        cp.cuda.get_current_stream().synchronize()
     return GpuHandle(buf.device, ipc, int(base.value))
 
 
@@ -244,6 +247,7 @@ class GpuPath:
         self._staging: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
         self._events: dict[int, list[Any]] = {}
         self._mapped_host: dict[int, int] = {}
+        self._order: dict[int, Any] = {}  # device -> event ordering our stream after the current one
         #: page lists: the kernel reads its arguments and indices from a device
         #: copy uploaded first (False), or straight from pinned host memory
         #: (True); measured taking turns, the upload was as fast or faster (docs/gpu.md)
@@ -293,12 +297,26 @@ class GpuPath:
 
     # -- transfers -------------------------------------------------------------
 
+    def _after_current(self, device: int, stream: Any) -> None:
+        """Order ``stream`` after the work already queued on the device's
+        current stream (what produced the source bytes).  One event per
+        device, re-recorded each time: a wait takes the record it sees."""
+        cur = self._cp.cuda.get_current_stream()
+        if cur.ptr == stream.ptr:
+            return
+        ev = self._order.get(device)
+        if ev is None:
+            ev = self._order[device] = self._cp.cuda.Event(block=False, disable_timing=True)
+        ev.record(cur)
+        stream.wait_event(ev)
+
     def write(self, region: MemoryRegion, off: int, n: int, dst: RegionDescriptor, imm: int) -> asyncio.Future[None]:
         self.check(region, dst)
         rt = self._cp.cuda.runtime
         device = region.device if region.device is not None else dst.gpu.device  # type: ignore[union-attr]
         stream = self._stream(device)
         with self._cp.cuda.Device(device):
+            self._after_current(device, stream)
             target = self._target(dst, device)
             if region.device is not None and dst.owner._body.pid == os.getpid():
                 # Both ends in this process: a peer copy names both devices (the copy engines' path).
@@ -318,6 +336,7 @@ class GpuPath:
         stream = self._stream(device)
         n = len(sidx)
         with cp.cuda.Device(device):
+            self._after_current(device, stream)
             launcher = self._kernels.get(device)
             if launcher is None:
                 launcher = self._kernels[device] = PageLauncher(cp, device)
