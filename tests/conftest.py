@@ -53,3 +53,17 @@ async def bounded(aw, seconds: float = 10.0):
     """Await with a timeout: no test waits forever."""
     async with asyncio.timeout(seconds):
         return await aw
+
+
+def cuda_devices() -> tuple[int, str]:
+    """(visible CUDA devices, why there are none) for the GPU tests' skips."""
+    try:
+        import cupy
+    except ImportError:
+        return 0, "CuPy is not installed"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - no driver, no device: any CUDA error means skip
+        return 0, f"no usable CUDA device ({type(e).__name__}: {e})"
+    return n, "no CUDA device" if n == 0 else ""
+

@@ -21,21 +21,9 @@ TINY = ["--layers", "4", "--heads", "4", "--head-dim", "64", "--ffn", "512", "--
 
 sys.path.insert(0, str(ROOT / "examples"))
 import disagg_serving as demo
+from conftest import cuda_devices
 
-
-def _gpus() -> tuple[int, str]:
-    try:
-        import cupy
-    except ImportError:
-        return 0, "CuPy is not installed"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001 - no driver, no device: any CUDA error means skip
-        return 0, f"no usable CUDA device ({type(e).__name__}: {e})"
-    return n, "no CUDA device" if n == 0 else ""
-
-
-N_GPUS, WHY = _gpus()
+N_GPUS, WHY = cuda_devices()
 
 # A module named cupy over NumPy, enough for the demo's GPU mode: streams and events are no-ops
 # (NumPy finishes before it returns), the random generator is NumPy's.

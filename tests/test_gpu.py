@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import bounded
+from conftest import bounded, cuda_devices
 
 import aiofabric as af
 from aiofabric import wire
@@ -17,19 +17,7 @@ from aiofabric import wire
 pytestmark = pytest.mark.asyncio
 
 
-def _gpus() -> tuple[int, str]:
-    try:
-        import cupy
-    except ImportError:
-        return 0, "CuPy is not installed"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001 - no driver, no device: any CUDA error means skip
-        return 0, f"no usable CUDA device ({type(e).__name__}: {e})"
-    return n, "no CUDA device" if n == 0 else ""
-
-
-N_GPUS, WHY = _gpus()
+N_GPUS, WHY = cuda_devices()
 gpu = pytest.mark.skipif(N_GPUS == 0, reason=WHY or "no GPU")
 PROVIDER = "shm"  # immediates after NVLink copies travel over the host fabric
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 
+import _moe_peer
 import numpy as np
 import pytest
-from conftest import bounded
+from conftest import bounded, cuda_devices
 
-import _moe_peer
 import aiofabric as af
 from aiofabric.moe import MoEConfig
 from aiofabric.moe.host import Dispatched
@@ -23,15 +23,8 @@ CTX = mp.get_context("spawn")
 
 
 def _gpus() -> tuple[int, str]:
-    try:
-        import cupy
-    except ImportError:
-        return 0, "CuPy is not installed"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001 - no driver, no device: any CUDA error means skip
-        return 0, f"no usable CUDA device ({type(e).__name__}: {e})"
-    return n, "" if n >= 2 else f"needs 2 GPUs, found {n}"
+    n, why = cuda_devices()
+    return n, why if n == 0 else "" if n >= 2 else f"needs 2 GPUs, found {n}"
 
 
 N_GPUS, WHY = _gpus()

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 from _weights_peer import make_plan, source, tensors
-from conftest import bounded
+from conftest import bounded, cuda_devices
 
 import aiofabric as af
 from aiofabric.weights import cast_gpu
@@ -22,19 +22,7 @@ pytestmark = pytest.mark.asyncio
 CTX = mp.get_context("spawn")
 
 
-def _gpus() -> tuple[int, str]:
-    try:
-        import cupy
-    except ImportError:
-        return 0, "CuPy is not installed"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001 - no driver, no device: any CUDA error means skip
-        return 0, f"no usable CUDA device ({type(e).__name__}: {e})"
-    return n, "no CUDA device" if n == 0 else ""
-
-
-N_GPUS, WHY = _gpus()
+N_GPUS, WHY = cuda_devices()
 gpu = pytest.mark.skipif(N_GPUS == 0, reason=WHY or "no GPU")
 
 
