@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -97,6 +97,33 @@ class BlockPool:
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # mark retrieved: failures surface through the request
+
+
+_S = TypeVar("_S", bound="_Server")
+
+
+class _Server:
+    """A side that serves its engine's messages in a task: ``async with``, or
+    ``start()`` then ``aclose()``."""
+
+    _task: asyncio.Task[None] | None
+
+    async def __aenter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
 
 
 # -- decode side ---------------------------------------------------------------
@@ -213,7 +240,7 @@ class DecodeRequest:
         return f"<DecodeRequest {self.id} slot={self.slot} {self.state} blocks={len(self.blocks)}>"
 
 
-class KVDecoder:
+class KVDecoder(_Server):
     """Decode's side: allocates blocks and slots, sends REQ, tracks requests.
     Owns ``engine.recv()`` while running (other messages go to ``messages``)."""
 
@@ -237,17 +264,6 @@ class KVDecoder:
         self.prefills: dict[Address, int] = {}  #: prefill instance -> requests in flight there
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> KVDecoder:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._serve())
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -434,7 +450,7 @@ class PrefillRequest:
             pass
 
 
-class KVPrefill:
+class KVPrefill(_Server):
     """Prefill's side: receives REQ/ABORT, hands requests out through
     :meth:`next_request`.  Owns ``engine.recv()`` while running."""
 
@@ -456,17 +472,6 @@ class KVPrefill:
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> KVPrefill:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._serve())
 
     async def aclose(self) -> None:
         if self._task is not None:
