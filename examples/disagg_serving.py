@@ -50,6 +50,10 @@ DM = HEADS * HEAD_DIM
 NUM_BLOCKS = 256  # per server: 64 MiB of fp16 KV cache
 LAYOUT = KVLayout.vllm_flash_attn(LAYERS, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM, itemsize=2)
 HIDDEN_BYTES = DM * 4
+# On the CPU the model competes with the engines' worker threads for the cores: workers that keep
+# polling 20 ms after every layer's write (the default, for latency) slowed prefill's compute by
+# 6-12% on a 2-core machine; 200 µs costs nothing measurable here (docs/kv-streaming.md).
+CPU_ENGINE = {"spin_us": 200, "wait_spin_us": 200}
 
 
 def pack(d):
@@ -119,7 +123,7 @@ def prefill_main(provider: str, decoder: bytes, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider) as eng:
+        async with af.open_engine(provider, **CPU_ENGINE) as eng:
             region = eng.register(buf, remote_write=False)
             async with KVPrefill(eng, LAYOUT, region, hidden_bytes=HIDDEN_BYTES) as pre:
                 await pre.join(af.Address.from_bytes(decoder))   # registration by message
@@ -169,7 +173,7 @@ def decode_main(provider: str, conn) -> None:
         model = Model()
         buf = np.zeros(LAYOUT.nbytes, np.uint8)
         cache = cache_view(buf)
-        async with af.open_engine(provider) as eng:
+        async with af.open_engine(provider, **CPU_ENGINE) as eng:
             async with KVDecoder(eng, LAYOUT, eng.register(buf), hidden_bytes=HIDDEN_BYTES) as dec:
                 conn.send(eng.address.to_bytes())
                 stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
@@ -580,7 +584,7 @@ async def client(provider: str, lengths: list[int], repeats: int, png: str, devi
     rng = np.random.default_rng(1)
     results, timelines, tokens, recompute = {}, {}, {}, []
     bad = 0
-    async with af.open_engine(provider) as eng:
+    async with af.open_engine(provider, **(CPU_ENGINE if device == "cpu" else {})) as eng:
         try:
             plan = [(64, True, "warmup")] + [(n, s, r) for r in range(repeats) for n in lengths for s in (True, False)]
             for rid, (n, stream, rep) in enumerate(plan):
