@@ -688,7 +688,7 @@ if __name__ == "__main__":
     ap.add_argument("--provider", default="shm")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--lengths", default="128,256,512")
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--png", default="disagg_timeline.png")
     g = ap.add_argument_group("model size (--device cuda; the CPU model is fixed)")
     for k, v in GPU_DEFAULTS.items():
