@@ -116,6 +116,18 @@ def store(cache, layer, blocks, k, v):
         cache[layer, plane, blocks] = a.reshape(len(blocks), BLOCK, HEADS, HEAD_DIM)
 
 
+async def until_stopped(get, conn):
+    """Items from ``await get()`` until the client says stop on ``conn``."""
+    stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
+    while True:
+        nxt = asyncio.ensure_future(get())
+        await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            nxt.cancel()
+            return
+        yield nxt.result()
+
+
 # -- prefill ------------------------------------------------------------------------------
 
 def prefill_main(provider: str, decoder: bytes, conn) -> None:
@@ -128,14 +140,8 @@ def prefill_main(provider: str, decoder: bytes, conn) -> None:
             async with KVPrefill(eng, LAYOUT, region, hidden_bytes=HIDDEN_BYTES) as pre:
                 await pre.join(af.Address.from_bytes(decoder))   # registration by message
                 conn.send(eng.address.to_bytes())
-                stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
-                while True:
-                    nxt = asyncio.ensure_future(pre.next_request())
-                    await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
-                    if stop.done():
-                        nxt.cancel()
-                        break
-                    await serve(pre, eng, model, cache, nxt.result())
+                async for req in until_stopped(pre.next_request, conn):
+                    await serve(pre, eng, model, cache, req)
 
     async def serve(pre, eng, model, cache, req) -> None:
         stream = bool(req.meta["stream"])
@@ -176,14 +182,7 @@ def decode_main(provider: str, conn) -> None:
         async with af.open_engine(provider, **CPU_ENGINE) as eng:
             async with KVDecoder(eng, LAYOUT, eng.register(buf), hidden_bytes=HIDDEN_BYTES) as dec:
                 conn.send(eng.address.to_bytes())
-                stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
-                while True:
-                    nxt = asyncio.ensure_future(dec.messages.get())
-                    await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
-                    if stop.done():
-                        nxt.cancel()
-                        break
-                    msg = nxt.result()
+                async for msg in until_stopped(dec.messages.get, conn):
                     d = unpack(msg.data)
                     if d.get("t") == "prompt":
                         while not dec.prefills:
@@ -375,14 +374,8 @@ async def _gpu_prefill(cp, provider, decoder, conn, cfg, device, refdir) -> None
         async with KVPrefill(eng, cfg.layout, region, hidden_bytes=cfg.hidden_bytes) as pre:
             await pre.join(af.Address.from_bytes(decoder))
             conn.send(eng.address.to_bytes())
-            stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
-            while True:
-                nxt = asyncio.ensure_future(pre.next_request())
-                await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
-                if stop.done():
-                    nxt.cancel()
-                    break
-                await _gpu_serve(cp, pre, eng, model, cache, stream, cfg, refdir, nxt.result())
+            async for req in until_stopped(pre.next_request, conn):
+                await _gpu_serve(cp, pre, eng, model, cache, stream, cfg, refdir, req)
 
 
 async def _gpu_serve(cp, pre, eng, model, cache, stream, cfg, refdir, req) -> None:
@@ -464,14 +457,7 @@ async def _gpu_decode(cp, provider, conn, cfg, device, refdir) -> None:
     async with af.open_engine(provider) as eng:
         async with KVDecoder(eng, cfg.layout, eng.register(buf), hidden_bytes=cfg.hidden_bytes) as dec:
             conn.send(eng.address.to_bytes())
-            stop = asyncio.ensure_future(asyncio.to_thread(conn.recv))
-            while True:
-                nxt = asyncio.ensure_future(dec.messages.get())
-                await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
-                if stop.done():
-                    nxt.cancel()
-                    break
-                msg = nxt.result()
+            async for msg in until_stopped(dec.messages.get, conn):
                 d = unpack(msg.data)
                 if d.get("t") != "prompt":
                     continue
