@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._checks import int_arg as _int
+
 __all__ = ["KVLayout", "Pages", "KINDS"]
 
 KINDS = ("separate", "interleaved", "mla")
@@ -35,14 +37,6 @@ class Pages(NamedTuple):
     page_size: int
     stride: int
     indices: np.ndarray
-
-
-def _int(name: str, v: Any, lo: int = 1) -> int:
-    if type(v) is not int and not isinstance(v, np.integer) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import int_arg as _int
+
 __all__ = ["MoEConfig", "Routing", "MODES", "COMBINE_DTYPES", "check_tokens", "check_routing",
            "check_weights", "route", "header_dtype", "MAX_RANKS"]
 
@@ -41,14 +43,6 @@ MAX_RANKS = 1024
 
 def _align(n: int, a: int = 16) -> int:
     return -(-n // a) * a
-
-
-def _int(name: str, v: Any, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 @dataclass(frozen=True)

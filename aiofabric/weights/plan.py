@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import int_arg as _int
 from .runs import run_shape, run_starts
 from .spec import SCALE_BYTES, Layout, ParamSpec, scale_shape
 
@@ -69,14 +70,6 @@ class _Table:
     nic: np.ndarray   # int32 [n]
     lo: np.ndarray    # int64 [n, ndim]
     hi: np.ndarray    # int64 [n, ndim]
-
-
-def _int(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def _aligned(n: int, a: int) -> int:

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import int_arg as _pos_int
+
 __all__ = ["DTYPES", "FULL", "Layout", "ParamSpec", "Shard", "scale_shape", "split_range"]
 
 #: element size in bytes of every dtype a plan knows (bf16 and fp8 are stored as uint16 / uint8)
@@ -68,14 +70,6 @@ class Shard(NamedTuple):
 
 
 FULL = Shard(None)
-
-
-def _pos_int(name: str, v: Any, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def split_range(extent: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
