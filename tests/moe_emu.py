@@ -72,6 +72,17 @@ static inline float __shfl_xor_sync(unsigned, float v, int m)
     return r;
 }
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
+static int emu_ints[32][32];
+static inline int __shfl_sync(unsigned, int v, int src)
+{
+    const unsigned w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    emu_ints[w][l] = v;
+    emu_warp_bars[w]->arrive_and_wait();
+    const int r = emu_ints[w][src];
+    emu_warp_bars[w]->arrive_and_wait();
+    return r;
+}
+static inline void __syncwarp() { emu_warp_bars[threadIdx.x >> 5]->arrive_and_wait(); }
 static inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
@@ -105,13 +116,15 @@ static void emu_call(void (*f)(A...), void** args, std::index_sequence<I...>)
     f(*static_cast<A*>(args[I])...);
 }
 
+/* blocks first..last-1 (x fastest) of a gx x gy grid, one after another */
 template <class... A>
-static void emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, void** args)
+static void emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned first, unsigned last,
+                       void** args)
 {
     gridDim = dim3{gx, gy, 1};
     blockDim = dim3{bx, 1, 1};
-    for (unsigned by = 0; by < gy; ++by)
-        for (unsigned bxi = 0; bxi < gx; ++bxi) {
+    for (unsigned b = first; b < last; ++b) {
+            const unsigned by = b / gx, bxi = b % gx;
             std::barrier<> bar(bx);
             emu_bar = &bar;
             std::vector<std::unique_ptr<std::barrier<>>> warps;
@@ -129,7 +142,7 @@ static void emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, v
                 });
             for (auto& th : ts)
                 th.join();
-        }
+    }
 }
 """
 
@@ -137,7 +150,8 @@ static void emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, v
 def build(tmp: str | None = None) -> ctypes.CDLL:
     """Compile the kernels for the CPU (cached by source hash)."""
     exports = "".join(
-        f'extern "C" void emu_{n}(unsigned gx, unsigned gy, unsigned bx, void** a) {{ emu_launch({n}, gx, gy, bx, a); }}\n'
+        f'extern "C" void emu_{n}(unsigned gx, unsigned gy, unsigned bx, unsigned first, unsigned last, void** a) '
+        f'{{ emu_launch({n}, gx, gy, bx, first, last, a); }}\n'
         for n in NAMES)
     src = PRELUDE + SOURCE + LAUNCHER + exports
     key = hashlib.sha256(src.encode()).hexdigest()[:16]
@@ -156,7 +170,7 @@ def build(tmp: str | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(so)
     for n in NAMES:
         fn = getattr(lib, f"emu_{n}")
-        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+        fn.argtypes = [ctypes.c_uint] * 5 + [ctypes.POINTER(ctypes.c_void_p)]
         fn.restype = None
     return lib
 
@@ -182,6 +196,7 @@ class EmuBackend:
         self.device = 0
         self.pid = os.getpid()
         self.launches: list[str] = []
+        self._waiting: list[Any] = []  # blocks of fused kernels that wait for other ranks: run at end()
 
     def ctx(self) -> Any:
         return contextlib.nullcontext()
@@ -199,24 +214,38 @@ class EmuBackend:
     def ptr(self, a: np.ndarray) -> int:
         return int(a.__array_interface__["data"][0])
 
-    def launch(self, name: str, grid: tuple[int, ...], block: int, values: Sequence[Any], shared: int = 0) -> None:
+    def resident(self, name: str, block: int, shared: int = 0) -> int:
+        return 16
+
+    def launch(self, name: str, grid: tuple[int, ...], block: int, values: Sequence[Any], shared: int = 0,
+               wait_from: int | None = None) -> None:
+        """Run the kernel's blocks in order; with ``wait_from`` (a fused
+        kernel), the blocks from there on, which wait for other ranks, run at
+        the next end() (when every rank's senders have run)."""
         assert shared <= 1 << 16, "dynamic shared memory"
         assert 1 <= block <= 1024
         args = kernel_args(name, values)
         store = [ctypes.create_string_buffer(a.tobytes(), a.nbytes) for a in args]
         argv = (ctypes.c_void_p * len(store))(*[ctypes.addressof(s) for s in store])
         gx, gy = (tuple(grid) + (1,))[:2]
+        total = gx * gy
+        split = total if wait_from is None else min(total, wait_from)
         self.launches.append(name)
-        getattr(self._lib, f"emu_{name}")(gx, gy, block, argv)
+        fn = getattr(self._lib, f"emu_{name}")
+        fn(gx, gy, block, 0, split, argv)
+        if split < total:
+            self._waiting.append((fn, gx, gy, block, split, total, argv, store))
 
     def begin(self) -> None:
         pass
 
     def end(self) -> None:
-        pass
+        waiting, self._waiting = self._waiting, []
+        for fn, gx, gy, block, first, last, argv, _store in waiting:
+            fn(gx, gy, block, first, last, argv)
 
     def synchronize(self) -> None:
-        pass
+        self.end()
 
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return np.array(a, copy=True)

@@ -205,9 +205,8 @@ async def test_dispatch_send_routes_like_layout_route(T, ranks, epr, k, idx_dtyp
     eps[1].dispatch_send(x, bad, np.ones((T, k), np.float32))
     want = layout.route(cfg, np.where(bad >= cfg.num_experts, -1, bad).astype(np.int32))
     ep = eps[1]
-    assert ep._b.launches == ["moe_dispatch_send"]  # one launch for the whole send half
+    assert ep._b.launches == ["moe_dispatch"]  # one launch for the whole phase
     assert np.array_equal(ep._rowidx[:T * ranks].reshape(T, ranks), want.rowidx)
-    assert np.array_equal(ep._nrows, want.rows)
     mdt = layout.meta_dtype(cfg)
     hdt = layout.header_dtype(cfg)
     for r in range(ranks):
@@ -218,6 +217,9 @@ async def test_dispatch_send_routes_like_layout_route(T, ranks, epr, k, idx_dtyp
         flag = int(inbox[:8 * ranks].view(np.uint64)[1])
         assert flag == (1 << 32 | int(want.rows[r]))
         rows = inbox[cfg.drows_offset:cfg.crows_offset].reshape(ranks, cfg.max_tokens, cfg.row_bytes)[1]
+        tags = inbox[cfg.dtag_offset:cfg.ctag_offset].view(np.uint64).reshape(ranks, cfg.max_tokens)[1]
+        assert np.array_equal(tags[:want.rows[r]], np.ones(want.rows[r], np.uint64))  # every row sent is tagged
+        assert not tags[want.rows[r]:].any()
         for t in range(T):
             i = want.rowidx[t, r]
             if i < 0:
@@ -234,38 +236,36 @@ async def test_dispatch_send_routes_like_layout_route(T, ranks, epr, k, idx_dtyp
 
 
 async def test_gpu_kernels_many_tokens_and_blocks():
-    """Several blocks per token (channel parts), tokens spread over many blocks."""
-    cfg = MoEConfig(12, 3, 1024, 5, 40, mode="fp8", combine_dtype="bf16")
+    """Rows wider than a block's two chunks a thread (several passes), many tokens."""
+    cfg = MoEConfig(12, 3, 2048, 5, 40, mode="fp8", combine_dtype="bf16")
     lib = moe_emu.build()
     eps = [GpuExpertParallel(None, r, cfg, backend=moe_emu.EmuBackend(lib), threads=64, timeout=0.3)
            for r in range(cfg.ranks)]
     infos = [ep.info() for ep in eps]
     for ep in eps:
         ep.connect(infos)
-    assert eps[0]._parts == 2
     for seed in (11, 12):
         ds, outs = run_round(eps, seed)
         for r in range(cfg.ranks):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
-    # one kernel per call, nothing else queued
-    assert eps[0]._b.launches == ["moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv"] * 2
+    # one kernel per phase, nothing else queued
+    assert eps[0]._b.launches == ["moe_dispatch", "moe_combine"] * 2
 
 
-async def test_done_counters_count_units_over_rounds():
-    """combine_send's blocks each take several units (a grid smaller than the
-    work) or none (a grid larger than it; a source that sent nothing): the
-    block completing a source's units raises its flag, and every done counter
-    is back at zero after each round (no reset kernel or memset)."""
+async def test_fused_kernels_any_split_of_senders_and_receivers():
+    """However many blocks each role gets (fewer than the work: blocks loop;
+    more: blocks without work return), every round equals the reference,
+    and each launch takes exactly its grid's tickets."""
     cfg = MoEConfig(6, 2, 256, 3, 7, mode="fp8", combine_dtype="bf16")
     eps = group(cfg)
-    for seed, csend_y in ((21, 2), (22, 3), (23, 64), (24, 1)):
+    for seed, recv_d, send_c, recv_c in ((21, 1, 1, 1), (22, 3, 2, 5), (23, 40, 64, 2), (24, 2, 1, 64)):
         for ep in eps:
-            ep._csend_y = csend_y
+            ep._recv_d, ep._send_c, ep._recv_c = recv_d, send_c, recv_c
         ds, outs = run_round(eps, seed)
         for r in range(cfg.ranks):
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
         for ep in eps:
-            assert not ep._done_d.any() and not ep._done_c.any()
+            assert list(ep._tickets) == ep._taken
     # a rank with no tokens at all: its peers' combine_send has no unit for it
     lib_eps = eps
     empty = np.zeros((0, cfg.hidden), np.float32)
@@ -282,7 +282,7 @@ async def test_done_counters_count_units_over_rounds():
     outs = [ep.combine_recv().copy() for ep in lib_eps]
     for ep in lib_eps:
         ep.synchronize()
-        assert not ep._done_d.any() and not ep._done_c.any()
+        assert list(ep._tickets) == ep._taken
     assert outs[0].shape == (0, cfg.hidden)
     from aiofabric.moe.numerics import bf16_to_f32
     assert np.array_equal(bf16_to_f32(outs[1]), np.full((2, cfg.hidden), [[1.0], [1.5]], np.float32))

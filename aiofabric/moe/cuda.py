@@ -18,10 +18,8 @@ __all__ = ["SIGNATURES", "THREADS", "CudaBackend", "kernel_args"]
 #: kernel parameter types: p pointer, i int32, q int64, u uint32, Q uint64
 SIGNATURES = {
     "moe_pack": "piiiipq",
-    "moe_dispatch_send": "pipipiiipiiiiuqqqqqqippp",
-    "moe_dispatch_recv": "piiiuqqqqqqqqippppppqQp",
-    "moe_combine_send": "ppiqipiiiiuqppqqqiip",
-    "moe_combine_recv": "ppiiiuqqiipQp",
+    "moe_dispatch": "pipipiiipiiiiuqqqqqqqipqqppppppqQppu",
+    "moe_combine": "piqipiiiiuppqqqqiipipQppui",
 }
 _NP = {"p": np.uint64, "i": np.int32, "q": np.int64, "u": np.uint32, "Q": np.uint64}
 THREADS = 256
@@ -60,7 +58,8 @@ class CudaBackend:
                     _ = k.kernel  # compile and load for this device now, not in the middle of a round
                 except AttributeError:  # a CuPy without the property compiles at the first launch
                     break
-            self.sms = int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+            self._props = cp.cuda.runtime.getDeviceProperties(device)
+            self.sms = int(self._props["multiProcessorCount"])
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._ev_in = cp.cuda.Event(block=False, disable_timing=True)
             self._ev_out = cp.cuda.Event(block=False, disable_timing=True)
@@ -82,7 +81,28 @@ class CudaBackend:
     def ptr(self, a: Any) -> int:
         return int(a.data.ptr)
 
-    def launch(self, name: str, grid: tuple[int, ...], block: int, values: Sequence[Any], shared: int = 0) -> None:
+    def resident(self, name: str, block: int, shared: int = 0) -> int:
+        """How many blocks of ``name`` (``block`` threads, ``shared`` bytes of
+        dynamic shared memory) the device runs at once: registers, threads
+        and shared memory per SM, times the SMs."""
+        p = self._props
+        try:
+            with self.ctx():
+                a = self._k[name].attributes
+            regs, static = max(1, int(a["num_regs"])), int(a["shared_size_bytes"])
+        except (AttributeError, KeyError):  # a CuPy without kernel attributes: one block per SM
+            return self.sms
+        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        fits = min(int(p["regsPerMultiprocessor"]) // (per_warp * (block // 32)),
+                   int(p["maxThreadsPerMultiProcessor"]) // block,
+                   int(p["sharedMemPerMultiprocessor"]) // (static + shared + 1024),
+                   int(p.get("maxBlocksPerMultiProcessor", 32)))
+        return self.sms * max(1, fits)
+
+    def launch(self, name: str, grid: tuple[int, ...], block: int, values: Sequence[Any], shared: int = 0,
+               wait_from: int | None = None) -> None:
+        """Enqueue a kernel on our stream.  ``wait_from``: blocks from this
+        ticket on wait for other ranks (the emulator runs them at end())."""
         with self.ctx():
             self._k[name](grid, (block,), kernel_args(name, values), shared_mem=shared, stream=self.stream)
 

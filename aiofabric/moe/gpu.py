@@ -87,18 +87,19 @@ class GpuExpertParallel:
         mt, ranks, epr = c.max_tokens, c.ranks, c.experts_per_rank
         self.inbox = b.zeros(c.inbox_bytes, u8)
         self._rowidx = b.zeros(max(1, mt * ranks), i32)  # [T, ranks]: the token's row at each rank, -1 none
-        self._nrows = b.zeros(ranks, i32)                # rows sent to each rank (this round)
-        self._done_d = b.zeros(1, np.uint32)
-        self._done_c = b.zeros(ranks, np.uint32)
+        self._tickets = b.zeros(2, np.uint32)            # role tickets of moe_dispatch, moe_combine
+        self._taken = [0, 0]                             # tickets taken so far (mod 2**32)
         self._err = b.zeros(1, i32)
-        # launch shapes: chunks of 8 channels, blockDim.x of them per block
-        self._parts = max(1, -(-(c.hidden // 8) // threads))
-        warps = threads // 32
-        self._recv_y = max(1, min(-(-mt * c.topk // warps), max(1, 1024 // ranks)))
-        sms = getattr(b, "sms", None)
-        if sms:  # dispatch_recv's blocks (72 registers a thread) all resident at once: they spin on flags
-            self._recv_y = max(1, min(self._recv_y, 3 * sms * 256 // (threads * ranks)))
-        self._csend_y = max(1, min(mt * self._parts, max(1, 1024 // ranks)))
+        # launch shapes (docs/moe.md): every block of a phase resident at once where it fits;
+        # receivers after the senders, as many as the work can use
+        self._shared_d = 4 * (c.num_experts + ranks)
+        room_d = b.resident("moe_dispatch", threads, self._shared_d)
+        room_c = b.resident("moe_combine", threads, 0)
+        warps, parts = threads // 32, -(-(c.hidden // 8) // threads)
+        quarter = max(1, room_d // 4)
+        self._recv_d = max(quarter, min(room_d - mt - 1, -(-ranks * mt * c.topk // warps)))
+        self._recv_c = max(1, min(quarter, mt * parts))
+        self._send_c = max(1, min(room_c - self._recv_c, ranks * mt))
         self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
         self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
         self._peers = b.zeros(ranks, np.uint64)
@@ -203,7 +204,8 @@ class GpuExpertParallel:
             raise ValueError(f"{name} is on another device than GPU {self._b.device}")
 
     def dispatch_send(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
-        """Enqueue routing, packing and the writes into every peer's inbox.
+        """Enqueue routing, packing, the writes into every peer's inbox and
+        the reception of the peers' tokens (one kernel, docs/moe.md).
         ``x`` ``[T, H]`` uint16 (BF16 bits) or float32, ``topk_idx`` ``[T, k]``
         int32/int64 (-1 masked), ``topk_weights`` ``[T, k]`` float32, all on
         this rank's GPU.  Raises TypeError/ValueError naming the argument."""
@@ -224,35 +226,35 @@ class GpuExpertParallel:
         self._t = t
         b.begin()
         p = b.ptr
-        # one kernel: routing, packing, stores into the peers' inboxes, metas, flags
-        b.launch("moe_dispatch_send", (t + 1, self._parts), self._threads,
+        # one kernel: routing, packing, stores into the peers' inboxes, metas, tags, and the receivers
+        grid = t + 1 + self._recv_d
+        b.launch("moe_dispatch", (grid,), self._threads,
                  (p(x), x.dtype == np.uint16, p(topk_idx), topk_idx.dtype == np.int64, p(topk_weights), t, c.hidden,
                   MODE[c.mode], p(self._peers), self.rank, c.ranks, c.topk, c.experts_per_rank, seq,
                   c.dflag_offset, c.meta_offset, c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes,
-                  c.max_tokens, p(self._rowidx), p(self._nrows), p(self._done_d)),
-                 shared=4 * (c.num_experts + c.ranks))
-        self._keep = (x, topk_idx, topk_weights)  # alive until the kernels have read them
+                  c.dtag_offset, c.max_tokens, p(self._rowidx), c.payload_bytes, c.scale_bytes, p(self.x),
+                  p(self.scales if self.scales is not None else self._sdummy), p(self.src), p(self.counts),
+                  p(self._offs), p(self._nrecv), c.capacity, int(self.timeout * 1e9), p(self._err),
+                  p(self._tickets), self._taken[0]),
+                 shared=self._shared_d, wait_from=t + 1)
+        self._taken[0] = (self._taken[0] + grid) & 0xFFFFFFFF
+        self._keep = (x, topk_idx, topk_weights)  # alive until the kernel has read them
         self._state = "dispatching"
 
     def dispatch_recv(self) -> GpuDispatched:
-        """Enqueue the receiving kernel (it spins until every rank's tokens
-        are in) and make the caller's current stream wait for it.  The
-        returned arrays are this object's and are rewritten next round."""
+        """Make the caller's current stream wait for the tokens: the kernel
+        that dispatch_send enqueued receives them too (its receiving blocks
+        spin until every rank's rows are in).  The returned arrays are this
+        object's and are rewritten next round."""
         self._turn("dispatching", "dispatch_recv")
-        c, b, p = self.config, self._b, self._b.ptr
-        b.launch("moe_dispatch_recv", (c.ranks, self._recv_y), self._threads,
-                 (p(self.inbox), c.ranks, c.topk, c.experts_per_rank, self._seq, c.dflag_offset, c.meta_offset,
-                  c.meta_bytes, c.drows_offset, c.row_bytes, c.header_bytes, c.payload_bytes, c.scale_bytes,
-                  c.max_tokens, p(self.x), p(self.scales if self.scales is not None else self._sdummy), p(self.src),
-                  p(self.counts), p(self._offs), p(self._nrecv), c.capacity, int(self.timeout * 1e9), p(self._err)),
-                 shared=4 * c.experts_per_rank)
-        b.end()
+        self._b.end()
         self._state = "dispatched"
         return GpuDispatched(self.x, self.scales, self.src, self.counts)
 
     def combine_send(self, y: Any) -> None:
-        """Enqueue the weighted reduction over this rank's experts and the
-        writes of the partial sums back to each source.  ``y`` is
+        """Enqueue the weighted reduction over this rank's experts, the writes
+        of the partial sums back to each source, and the final sums of this
+        rank's own tokens (one kernel).  ``y`` is
         ``[E/ranks, capacity, H]`` (uint16 BF16 bits or float32), row ``i``
         of expert ``e`` the output for ``x[e, i]``."""
         self._turn("dispatched", "combine_send")
@@ -261,27 +263,27 @@ class GpuExpertParallel:
         if b.ptr(y) % 16:
             raise ValueError("y must be 16-byte aligned")
         b.begin()
-        b.launch("moe_combine_send", (c.ranks, self._csend_y), self._threads,
-                 (p(self.inbox), p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank,
-                  c.ranks, c.topk, c.experts_per_rank, self._seq, c.cflag_offset, p(self._offs), p(self._nrecv),
-                  c.drows_offset, c.row_bytes, c.crows_offset, c.max_tokens, c.combine_dtype == "bf16",
-                  p(self._done_c)), shared=4 * c.experts_per_rank)
+        grid = self._send_c + self._recv_c
+        b.launch("moe_combine", (grid,), self._threads,
+                 (p(y), y.dtype == np.uint16, c.capacity, c.hidden, p(self._peers), self.rank, c.ranks, c.topk,
+                  c.experts_per_rank, self._seq, p(self._offs), p(self._nrecv), c.drows_offset, c.row_bytes,
+                  c.crows_offset, c.ctag_offset, c.max_tokens, c.combine_dtype == "bf16", p(self._rowidx), self._t,
+                  p(self.out), int(self.timeout * 1e9), p(self._err), p(self._tickets[1:]), self._taken[1],
+                  self._send_c),
+                 wait_from=self._send_c)
+        self._taken[1] = (self._taken[1] + grid) & 0xFFFFFFFF
         self._keep = (y,)
         self._state = "combining"
 
     def combine_recv(self) -> Any:
-        """Enqueue the kernel that waits for every rank's partial sums and
-        adds them up; returns ``[T, H]`` (a view of a reused buffer) that the
-        caller's current stream may use."""
+        """Make the caller's current stream wait for the combined tokens: the
+        kernel that combine_send enqueued sums them (its receiving blocks wait
+        for every rank's partial sums).  Returns ``[T, H]``, a view of a
+        reused buffer."""
         self._turn("combining", "combine_recv")
-        c, b, p = self.config, self._b, self._b.ptr
-        t = self._t
-        b.launch("moe_combine_recv", (max(1, min(t * self._parts, 1024)),), self._threads,
-                 (p(self.inbox), p(self._rowidx), t, c.hidden, c.ranks, self._seq, c.cflag_offset, c.crows_offset,
-                  c.max_tokens, c.combine_dtype == "bf16", p(self.out), int(self.timeout * 1e9), p(self._err)))
-        b.end()
+        self._b.end()
         self._state = "idle"
-        return self.out[:t]
+        return self.out[:self._t]
 
     def synchronize(self) -> None:
         """Wait for this rank's queued work; raise BrokenResourceError if a

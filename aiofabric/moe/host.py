@@ -121,7 +121,7 @@ class ExpertParallel:
         self._meta = ib[c.meta_offset:c.drows_offset].view(layout.meta_dtype(c))
         self._drows = ib[c.drows_offset:c.crows_offset].reshape(c.ranks, mt, c.row_bytes)
         cdt = np.uint16 if c.combine_dtype == "bf16" else np.float32
-        self._crows = ib[c.crows_offset:].view(cdt).reshape(c.ranks, mt, c.hidden)
+        self._crows = ib[c.crows_offset:c.dtag_offset].view(cdt).reshape(c.ranks, mt, c.hidden)
         o1 = c.ranks * c.meta_bytes
         o2 = o1 + c.ranks * mt * c.row_bytes
         self._ometa = self._out[:o1].view(layout.meta_dtype(c))

@@ -6,36 +6,35 @@ rounded on the float32 bits; numerics.py searches the codes, same result),
 float32 sums with explicit ``__fmul_rn``/``__fadd_rn`` (no fused
 multiply-add) in the reference's order.
 
-One kernel per API call, so two per phase, with nothing on the host between
-them (one CUDA stream, in this order per round):
+One fused kernel per phase, launched by the send half (``dispatch_send``,
+``combine_send``); the receive half launches nothing and only orders the
+caller's stream after it.  A block's role comes from a ticket taken when it
+starts (``take_ticket``): senders first, which never wait, then receivers,
+which spin, so a launch can never deadlock on its own SMs.  Senders signal
+per row: after its stores a block issues one system-scope fence and stores
+the round's sequence number into each row's tag in the destination's inbox;
+a receiver waits for exactly the rows it is about to read (acquiring polls),
+so the receive work overlaps the transfer.
 
-``moe_dispatch_send`` grid (T + 1, P): block (t, p) routes token t (its
-                      row index at each destination rank and its position
-                      in each expert's list, counted over the tokens before
-                      it: a prefix computed in the block, no atomics on the
-                      order), quantises channel part p of it (a lane per 8
-                      channels, FP8 group maxima by warp shuffles) and stores
-                      the payload with 8/16-byte stores straight into the row
-                      of every destination's inbox (CUDA IPC mapping); block
-                      (t, 0) also writes the row headers.  Block (T, 0) counts
-                      tokens per (destination, expert) and writes the metas.
-                      Every block counts itself done (its thread 0 alone
-                      fences, after a barrier); the last one raises every
-                      destination's flag ``seq << 32 | rows`` (system-scope
-                      release)
-``moe_dispatch_recv`` grid (ranks, Y): block (s, .) spins (relaxed polls,
-                      then one acquiring fence; bounded by a timeout) on the flags of sources 0..s,
-                      then its warps expand source s's rows, a warp per
-                      (row, slot), into the per-expert arrays
-``moe_combine_send``  grid (ranks, Y): a block per (row of source s, channel
-                      part): weighted partial sums over this rank's slots,
-                      16-byte stores into s's inbox; blocks without a unit
-                      return at once; the block completing s's units
-                      raises s's combine flag
-``moe_combine_recv``  grid (T x parts): spins on every rank's combine flag,
-                      then sums the partials in rank order
-``moe_pack``          the dispatch payload alone, into a local buffer (the
-                      fabric proxy's GPU half)
+``moe_dispatch``  tickets 0..T-1: token t routes itself (its row index at
+                  each destination rank and its position in each expert's
+                  list, counted over the tokens before it: a prefix computed
+                  in the block, no atomics on the order), quantises (a lane per
+                  8 channels, FP8 group maxima by warp shuffles) and stores the
+                  row (header + payload) with 8/16-byte stores straight into
+                  every destination's inbox (CUDA IPC mapping), then tags the
+                  rows.  Ticket T counts tokens per (destination, expert),
+                  writes the metas and raises each destination's meta flag
+                  ``seq << 32 | rows``.  The others wait for every meta, then a
+                  warp per (row, slot) waits for the row's tag and copies it
+                  into the expert's array.
+``moe_combine``   tickets 0..S-1: whole rows of every source, interleaved:
+                  weighted partial sums over this rank's slots, 16-byte
+                  stores into the source's inbox, one fence, the rows' tags.
+                  The others: a unit per (token, channel part) waits for the
+                  token's rows' tags and sums the partials in rank order.
+``moe_pack``      the dispatch payload alone, into a local buffer (the
+                  fabric proxy's GPU half)
 
 Under ``MOE_EMU`` the same source compiles as C++ for the CPU emulator that
 the tests use (tests/moe_emu.py): the spin and fences become host atomics.
@@ -45,7 +44,7 @@ from __future__ import annotations
 __all__ = ["SOURCE", "NAMES", "MODE"]
 
 MODE = {"bf16": 0, "fp8": 1, "float32": 2}
-NAMES = ("moe_pack", "moe_dispatch_send", "moe_dispatch_recv", "moe_combine_send", "moe_combine_recv")
+NAMES = ("moe_pack", "moe_dispatch", "moe_combine")
 
 SOURCE = r"""
 typedef unsigned long long u64;
@@ -130,13 +129,13 @@ __device__ __forceinline__ u8 f32_e4m3(float x)
 }
 
 
-/* thread 0: wait until flags[from..to) carry round seq (relaxed polls, then
- * one acquiring fence); 0 on timeout (err set) */
+/* thread 0: wait until flags[from..to) carry round seq (acquiring polls: a
+ * system-scope fence after relaxed polls costs ~1.4 us on H200); 0 on timeout (err set) */
 __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeout_ns, int* err)
 {
     const u64 start = now_ns();
     for (int s = from; s < to; ++s) {
-        while ((u32)(ld_relaxed(flags + s) >> 32) != seq) {
+        while ((u32)(ld_acquire(flags + s) >> 32) != seq) {
             if (now_ns() - start > timeout_ns) {
                 atomicCAS(err, 0, 1 + s);
                 return 0;
@@ -144,7 +143,19 @@ __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeo
             PAUSE();
         }
     }
-    fence_sys();
+    return 1;
+}
+
+/* wait until a row's tag carries round seq (acquiring polls); 0 on timeout, err = 1 + who */
+__device__ __forceinline__ int wait_tag(const u64* tag, u32 seq, u64 start, u64 timeout_ns, int* err, int who)
+{
+    while (ld_acquire(tag) != (u64)seq) {
+        if (now_ns() - start > timeout_ns) {
+            atomicCAS(err, 0, 1 + who);
+            return 0;
+        }
+        PAUSE();
+    }
     return 1;
 }
 
@@ -169,19 +180,6 @@ __device__ __forceinline__ void unpack8(const uint4* q, int bf16, float* v)
         for (int i = 0; i < 8; ++i)
             v[i] = __uint_as_float(w[i]);
     }
-}
-
-/* channels 8c..8c+7 of a row of BF16 bits or float32, as floats (16-byte loads) */
-__device__ __forceinline__ void load8(const void* row, int bf16, long long c, float* v)
-{
-    uint4 q[2];
-    if (bf16) {
-        q[0] = ((const uint4*)row)[c];
-    } else {
-        q[0] = ((const uint4*)row)[2 * c];
-        q[1] = ((const uint4*)row)[2 * c + 1];
-    }
-    unpack8(q, bf16, v);
 }
 
 /* acc += the weighted outputs of this rank's slots for channels 8c..8c+7:
@@ -240,23 +238,36 @@ __device__ __forceinline__ void store8(void* dst, int bf16, long long c, const f
     }
 }
 
-/* The dispatch payload of channels 8c..8c+7 of one token row: o[0] (BF16
- * codes, 16 bytes; FP8 codes in o[0].x/.y, 8 bytes) or o[0], o[1] (float32).
- * Every lane of the warp must call it with lanes on consecutive chunks (FP8:
- * the 16 lanes of a 128-channel group exchange their maxima by shuffles);
- * lanes with valid == 0 take part with zeros.  *scale: the FP8 group's scale. */
-__device__ __forceinline__ void pack8(const void* xrow, int in_bf16, int mode, long long c, int valid, uint4* o,
-                                      float* scale)
+/* the raw 16 (BF16 bits) or 32 (float32) bytes of channels 8c..8c+7 of a row */
+__device__ __forceinline__ void load_raw(const void* row, int bf16, long long c, uint4* q)
 {
-    if (mode != MODE_FP8 && valid && (in_bf16 ? mode == MODE_BF16 : mode == MODE_F32)) {
-        o[0] = ((const uint4*)xrow)[in_bf16 ? c : 2 * c];  /* the input's own format: the bits as they are */
-        if (!in_bf16)
-            o[1] = ((const uint4*)xrow)[2 * c + 1];
+    if (bf16) {
+        q[0] = ((const uint4*)row)[c];
+    } else {
+        q[0] = ((const uint4*)row)[2 * c];
+        q[1] = ((const uint4*)row)[2 * c + 1];
+    }
+}
+
+/* The dispatch payload of channels 8c..8c+7 of one token row, from their raw
+ * bytes q (load_raw): o[0] (BF16 codes, 16 bytes; FP8 codes in o[0].x/.y, 8
+ * bytes) or o[0], o[1] (float32).  Every lane of the warp must call it with
+ * lanes on consecutive chunks (FP8: the 16 lanes of a 128-channel group
+ * exchange their maxima by shuffles); lanes with valid == 0 take part with
+ * zeros (their q is not read).  *scale: the FP8 group's scale. */
+__device__ __forceinline__ void pack_raw(const uint4* q, int in_bf16, int mode, int valid, uint4* o, float* scale)
+{
+    if (mode != MODE_FP8 && (in_bf16 ? mode == MODE_BF16 : mode == MODE_F32)) {
+        if (valid) {  /* the input's own format: the bits as they are */
+            o[0] = q[0];
+            if (!in_bf16)
+                o[1] = q[1];
+        }
         return;
     }
     float v[8];
     if (valid)
-        load8(xrow, in_bf16, c, v);
+        unpack8(q, in_bf16, v);
     else
         for (int i = 0; i < 8; ++i)
             v[i] = 0.0f;
@@ -286,6 +297,16 @@ __device__ __forceinline__ void pack8(const void* xrow, int in_bf16, int mode, l
         o[0].y = hi;
         *scale = sc;
     }
+}
+
+/* pack_raw of chunk c loaded from xrow */
+__device__ __forceinline__ void pack8(const void* xrow, int in_bf16, int mode, long long c, int valid, uint4* o,
+                                      float* scale)
+{
+    uint4 q[2];
+    if (valid)
+        load_raw(xrow, in_bf16, c, q);
+    pack_raw(q, in_bf16, mode, valid, o, scale);
 }
 
 /* chunk c of a packed body (payload, then FP8 scales after H code bytes) */
@@ -330,30 +351,6 @@ __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, in
         d[v] = s[v];
 }
 
-/* A block that has done `add` of `total` units of work: after a barrier, its
- * thread 0 alone fences (system-scope release, cumulative over the block's
- * stores) and adds `add` to *done; it returns 1 in every thread of the block
- * that completes the total, after thread 0 reset the counter for the next
- * launch and fenced again (acquire: every other block's stores are then
- * ordered before whatever this block stores next, e.g. the flags, which
- * thread 0 writes with st_relaxed).  One fence per block, not per thread: a
- * system fence waits for the NVLink stores in flight and costs microseconds. */
-__device__ __forceinline__ int last_block(u32* done, u32 add, u32 total)
-{
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        fence_sys();
-        last = atomicAdd(done, add) + add == total;
-        if (last) {
-            *done = 0;
-            fence_sys();
-        }
-    }
-    __syncthreads();
-    return last;
-}
-
 /* blockDim.x a multiple of 32: the payload of token blockIdx.x, channel part
  * blockIdx.y (the fabric proxy packs on the GPU, then copies to the host) */
 extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, int mode, u8* packed,
@@ -387,211 +384,263 @@ __device__ __forceinline__ void stage_ids(int* sid, const void* idx, int idx64, 
     }
 }
 
-/* grid (T + 1, P), blockDim.x a multiple of 32, k <= 64 (blocks (T, p > 0)
- * return at once: blocks (t < T, .) and (T, 0) count themselves done); dynamic shared
- * memory 4 * (ranks * epr + ranks) bytes (block (T, 0)'s histogram) */
-extern "C" __global__ void moe_dispatch_send(
-    const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
-    const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
-    long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, int max_tokens,
-    int* rowidx, int* nrows, u32* done)
+/* A fused kernel's blocks take their roles from a ticket counter in the order
+ * they start, not from blockIdx: every block holding a lower ticket (a sender,
+ * which never waits) is running or done before any block takes a higher one
+ * (a receiver, which spins), so receivers can never hold every SM while a
+ * sender of the same launch waits for one.  Each launch takes exactly
+ * gridDim.x tickets; the host passes the count taken before it as base. */
+__device__ __forceinline__ u32 take_ticket(u32* tickets, u32 base)
 {
-    DYN_SHARED(int, hist);
+    __shared__ u32 tk;
+    if (threadIdx.x == 0)
+        tk = atomicAdd(tickets, 1u) - base;
+    __syncthreads();
+    return tk;
+}
+
+/* dispatch, the sender of token t: its slots, then over the tokens before it,
+ * its position in each slot's expert list and its row index at each slot's
+ * rank (a prefix computed in the block, no atomics on the order); the row
+ * headers and the payload (quantised here) stored straight into the row of
+ * every destination's inbox; then one system fence and the rows' tags */
+__device__ void dispatch_token(int t, const void* x, int in_bf16, const void* idx, int idx64, const float* w, int H,
+                               int mode, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
+                               long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
+                               int max_tokens, int* rowidx, int* sid)
+{
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
     __shared__ int nd;
-    __shared__ int sid[SID_WORDS];  /* a chunk of the routing: CH tokens, a row of ks ids each */
-    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, t = blockIdx.x;
-    if (t == T && blockIdx.y != 0)
-        return;  /* the counting row has one block: the others neither work nor count */
+    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x;
     /* the routing is read in chunks, staged in shared memory by coalesced
-     * loads all in flight at once (a thread per token reading its own ids
-     * would wait for them one after another); an odd row stride avoids bank
-     * conflicts when a thread per token reads its row */
+     * loads all in flight at once; an odd row stride avoids bank conflicts
+     * when a thread per token reads its row */
     const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
-    if (t == T) {
-        {
-            /* the metas: tokens per (destination, expert) and rows per destination */
-            int* rows = hist + E;
-            for (int i = tid; i < E + ranks; i += B)
-                hist[i] = 0;
-            __syncthreads();
-            for (int base = 0; base < T; base += CH) {  /* a thread per token of the chunk */
-                const int nt = T - base < CH ? T - base : CH;
-                __syncthreads();
-                stage_ids(sid, idx, idx64, base, nt, k, ks, E);
-                __syncthreads();
-                if (tid < nt) {
-                    const int* ids = sid + tid * ks;
-                    for (int j = 0; j < k; ++j) {
-                        const int e = ids[j];
-                        if (e < 0)
-                            continue;
-                        int first_e = 1, first_r = 1;
-                        for (int j2 = 0; j2 < j; ++j2) {
-                            const int e2 = ids[j2];
-                            first_e &= e2 != e;
-                            first_r &= !(e2 >= 0 && e2 / epr == e / epr);
-                        }
-                        if (first_e)
-                            atomicAdd(&hist[e], 1);
-                        if (first_r)
-                            atomicAdd(&rows[e / epr], 1);
-                    }
-                }
-            }
-            __syncthreads();
-            const int words = 2 + epr;
-            for (int i = tid; i < ranks * words; i += B) {
-                const int r = i / words, q = i - r * words;
-                u32* m = (u32*)((u8*)peers[r] + meta_off + (long long)me * meta_bytes);
-                m[q] = q == 0 ? seq : q == 1 ? (u32)rows[r] : (u32)hist[r * epr + q - 2];
-            }
-            for (int r = tid; r < ranks; r += B)
-                nrows[r] = rows[r];
-        }
-    } else {
-        /* token t: its slots, then over the tokens before it, its position in
-         * each slot's expert list and its row index at each slot's rank */
-        for (int j = tid; j < k; j += B) {
-            const int e = expert_at(idx, idx64, (long long)t * k + j, E);
-            se[j] = e;
-            sr[j] = e >= 0 ? e / epr : -1;
-            sp[j] = 0;
-            sd[j] = 0;
-        }
+    for (int j = tid; j < k; j += B) {
+        const int e = expert_at(idx, idx64, (long long)t * k + j, E);
+        se[j] = e;
+        sr[j] = e >= 0 ? e / epr : -1;
+        sp[j] = 0;
+        sd[j] = 0;
+    }
+    __syncthreads();
+    const int lane = tid & 31;
+    for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
+        const int nt = t - base < CH ? t - base : CH;
         __syncthreads();
-        const int lane = tid & 31;
-        for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
-            const int nt = t - base < CH ? t - base : CH;
-            __syncthreads();
-            stage_ids(sid, idx, idx64, base, nt, k, ks, E);
-            __syncthreads();
-            u64 pm = 0, dm = 0;
-            for (int j2 = 0; tid < nt && j2 < k; ++j2) {
-                const int e2 = sid[tid * ks + j2];
-                if (e2 < 0)
-                    continue;
-                const int r2 = e2 / epr;
-                for (int j = 0; j < k; ++j) {
-                    if (se[j] == e2)
-                        pm |= 1ull << j;
-                    if (sr[j] == r2)
-                        dm |= 1ull << j;
-                }
-            }
-            for (int j = 0; j < k; ++j) {
-                const int np = __popc(__ballot_sync(0xffffffffu, (int)((pm >> j) & 1ull)));
-                const int nr = __popc(__ballot_sync(0xffffffffu, (int)((dm >> j) & 1ull)));
-                if (lane == 0 && np)
-                    atomicAdd(&sp[j], np);
-                if (lane == 0 && nr)
-                    atomicAdd(&sd[j], nr);
-            }
-        }
-        if (tid == 0) {  /* the destinations: the first slot of each rank */
-            int n = 0;
-            for (int j = 0; j < k; ++j) {
-                if (sr[j] < 0)
-                    continue;
-                int first = 1;
-                for (int j2 = 0; j2 < j; ++j2)
-                    first &= sr[j2] != sr[j];
-                if (first)
-                    dsl[n++] = j;
-            }
-            nd = n;
-        }
+        stage_ids(sid, idx, idx64, base, nt, k, ks, E);
         __syncthreads();
-        const int n = nd;
-        if (blockIdx.y == 0) {
-            for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
-                const int d = q / k, j = q - d * k, r = sr[dsl[d]];
-                u8* row = (u8*)peers[r] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
-                const int on = sr[j] == r;
-                if (j == 0)
-                    ((int*)row)[0] = t;
-                ((int*)row)[1 + j] = on ? se[j] - r * epr : -1;
-                ((int*)row)[1 + k + j] = on ? sp[j] : -1;
-                ((float*)(row + 4 + 8 * k))[j] = on ? w[(long long)t * k + j] : 0.0f;
-            }
-            for (int r = tid; r < ranks; r += B) {  /* kept for combine_recv */
-                int v = -1;
-                for (int d = 0; d < n; ++d)
-                    if (sr[dsl[d]] == r)
-                        v = sd[dsl[d]];
-                rowidx[(long long)t * ranks + r] = v;
+        u64 pm = 0, dm = 0;
+        for (int j2 = 0; tid < nt && j2 < k; ++j2) {
+            const int e2 = sid[tid * ks + j2];
+            if (e2 < 0)
+                continue;
+            const int r2 = e2 / epr;
+            for (int j = 0; j < k; ++j) {
+                if (se[j] == e2)
+                    pm |= 1ull << j;
+                if (sr[j] == r2)
+                    dm |= 1ull << j;
             }
         }
-        if (n > 0) {
-            const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
-                                       : (const void*)((const float*)x + (long long)t * H);
-            const int nch = H / 8;
-            for (int base = blockIdx.y * B; base < nch; base += gridDim.y * B) {
-                const int c = base + tid, valid = c < nch;
-                uint4 o[2];
-                float sc = 1.0f;
-                pack8(xrow, in_bf16, mode, c, valid, o, &sc);
-                if (valid)
-                    for (int d = 0; d < n; ++d) {
-                        u8* row = (u8*)peers[sr[dsl[d]]] + drows_off +
-                                  ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
-                        put8(row + header_bytes, mode, H, c, o, sc);
-                    }
-            }
+        for (int j = 0; j < k; ++j) {
+            const int np = __popc(__ballot_sync(0xffffffffu, (int)((pm >> j) & 1ull)));
+            const int nr = __popc(__ballot_sync(0xffffffffu, (int)((dm >> j) & 1ull)));
+            if (lane == 0 && np)
+                atomicAdd(&sp[j], np);
+            if (lane == 0 && nr)
+                atomicAdd(&sd[j], nr);
         }
     }
-    if (last_block(done, 1u, (gridDim.x - 1) * gridDim.y + 1) && tid == 0) {
-        for (int r = 0; r < ranks; ++r) {  /* after last_block's fence: release stores */
-            const u32 n = (u32)((volatile const int*)nrows)[r];
-            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | n);
+    if (tid == 0) {  /* the destinations: the first slot of each rank */
+        int n = 0;
+        for (int j = 0; j < k; ++j) {
+            if (sr[j] < 0)
+                continue;
+            int first = 1;
+            for (int j2 = 0; j2 < j; ++j2)
+                first &= sr[j2] != sr[j];
+            if (first)
+                dsl[n++] = j;
         }
+        nd = n;
+    }
+    __syncthreads();
+    const int n = nd;
+    for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
+        const int d = q / k, j = q - d * k, r = sr[dsl[d]];
+        u8* row = (u8*)peers[r] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+        const int on = sr[j] == r;
+        if (j == 0)
+            ((int*)row)[0] = t;
+        ((int*)row)[1 + j] = on ? se[j] - r * epr : -1;
+        ((int*)row)[1 + k + j] = on ? sp[j] : -1;
+        ((float*)(row + 4 + 8 * k))[j] = on ? w[(long long)t * k + j] : 0.0f;
+    }
+    for (int r = tid; r < ranks; r += B) {  /* kept for combine */
+        int v = -1;
+        for (int d = 0; d < n; ++d)
+            if (sr[dsl[d]] == r)
+                v = sd[dsl[d]];
+        rowidx[(long long)t * ranks + r] = v;
+    }
+    if (n == 0)
+        return;
+    const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
+                               : (const void*)((const float*)x + (long long)t * H);
+    const int nch = H / 8;
+    for (int base = 0; base < nch; base += 2 * B) {  /* two chunks a thread, both loads in flight first */
+        const int c0 = base + tid, c1 = c0 + B, v0 = c0 < nch, v1 = c1 < nch;
+        uint4 q0[2], q1[2], o[2];
+        float sc = 1.0f;
+        if (v0)
+            load_raw(xrow, in_bf16, c0, q0);
+        if (v1)
+            load_raw(xrow, in_bf16, c1, q1);
+        pack_raw(q0, in_bf16, mode, v0, o, &sc);
+        if (v0)
+            for (int d = 0; d < n; ++d)
+                put8((u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes +
+                         header_bytes, mode, H, c0, o, sc);
+        if (base + B < nch) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
+            pack_raw(q1, in_bf16, mode, v1, o, &sc);
+            if (v1)
+                for (int d = 0; d < n; ++d)
+                    put8((u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes +
+                             header_bytes, mode, H, c1, o, sc);
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {  /* one fence orders the whole block's stores (cumulative after the barrier) */
+        fence_sys();
+        for (int d = 0; d < n; ++d)
+            st_relaxed((u64*)((u8*)peers[sr[dsl[d]]] + dtag_off) + (long long)me * max_tokens + sd[dsl[d]], seq);
     }
 }
 
-/* grid (ranks, Y), blockDim.x a multiple of 32; dynamic shared memory 4 * epr */
-extern "C" __global__ void moe_dispatch_recv(
-    const u8* inbox, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
-    long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes,
-    long long payload_bytes, long long scale_bytes, int max_tokens, u8* xout, float* sout, int* src_out,
-    int* counts_out, int* offs_out, int* nrecv_out, long long cap, u64 timeout_ns, int* err)
+/* dispatch, the counting sender: tokens per (destination, expert) and rows
+ * per destination into every destination's meta, then its flag
+ * seq << 32 | rows; shared: E + ranks ints */
+__device__ void dispatch_meta(int* hist, int* sid, const void* idx, int idx64, int T, const u64* peers, int me,
+                              int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
+                              long long meta_bytes)
 {
-    DYN_SHARED(int, off);  /* epr */
-    __shared__ int ok;
-    const int s = blockIdx.x;
-    if (threadIdx.x == 0)
-        ok = wait_flags((const u64*)(inbox + dflag_off), 0, s + 1, seq, timeout_ns, err);
+    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x;
+    const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
+    int* rows = hist + E;
+    for (int i = tid; i < E + ranks; i += B)
+        hist[i] = 0;
+    __syncthreads();
+    for (int base = 0; base < T; base += CH) {  /* a thread per token of the chunk */
+        const int nt = T - base < CH ? T - base : CH;
+        __syncthreads();
+        stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+        __syncthreads();
+        if (tid < nt) {
+            const int* ids = sid + tid * ks;
+            for (int j = 0; j < k; ++j) {
+                const int e = ids[j];
+                if (e < 0)
+                    continue;
+                int first_e = 1, first_r = 1;
+                for (int j2 = 0; j2 < j; ++j2) {
+                    const int e2 = ids[j2];
+                    first_e &= e2 != e;
+                    first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                }
+                if (first_e)
+                    atomicAdd(&hist[e], 1);
+                if (first_r)
+                    atomicAdd(&rows[e / epr], 1);
+            }
+        }
+    }
+    __syncthreads();
+    const int words = 2 + epr;
+    for (int i = tid; i < ranks * words; i += B) {
+        const int r = i / words, q = i - r * words;
+        u32* m = (u32*)((u8*)peers[r] + meta_off + (long long)me * meta_bytes);
+        m[q] = q == 0 ? seq : q == 1 ? (u32)rows[r] : (u32)hist[r * epr + q - 2];
+    }
+    __syncthreads();
+    if (tid == 0) {
+        fence_sys();
+        for (int r = 0; r < ranks; ++r)
+            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | (u32)rows[r]);
+    }
+}
+
+/* dispatch, receiver q of Q: waits for every source's meta, works out where
+ * each source's tokens start in each expert's list, then a warp per (row,
+ * slot) waits for the row's tag and copies the row into the expert's array,
+ * the rows of all sources interleaved (row 0 of each, then row 1, ...) so the
+ * copies follow the arrivals; shared: ranks * epr + ranks ints */
+__device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int ranks, int k, int epr, u32 seq,
+                                long long dflag_off, long long meta_off, long long meta_bytes, long long drows_off,
+                                long long row_bytes, long long header_bytes, long long payload_bytes,
+                                long long scale_bytes, long long dtag_off, int max_tokens, u8* xout, float* sout,
+                                int* src_out, int* counts_out, int* offs_out, int* nrecv_out, long long cap,
+                                u64 timeout_ns, int* err)
+{
+    __shared__ int ok, maxn;
+    const int tid = threadIdx.x, B = blockDim.x;
+    const u64 start = now_ns();
+    if (tid == 0)
+        ok = wait_flags((const u64*)(inbox + dflag_off), 0, ranks, seq, timeout_ns, err);
     __syncthreads();
     if (!ok)
         return;
     const u8* meta = inbox + meta_off;
-    for (int e = threadIdx.x; e < epr; e += blockDim.x) {
+    int* off = sh;                 /* [ranks][epr]: where source s's tokens start in expert e's list */
+    int* nsrc = sh + ranks * epr;  /* [ranks]: rows from each source */
+    for (int e = tid; e < epr; e += B) {
         int o = 0;
-        for (int q = 0; q < s; ++q)
-            o += ((const int*)(meta + q * meta_bytes))[2 + e];
-        off[e] = o;
-        if (blockIdx.y == 0)
-            offs_out[s * epr + e] = o;  /* kept for combine: the inbox's meta is rewritten next round */
-        if (s == ranks - 1 && blockIdx.y == 0)
-            counts_out[e] = o + ((const int*)(meta + s * meta_bytes))[2 + e];
+        for (int s = 0; s < ranks; ++s) {
+            off[s * epr + e] = o;
+            if (q == 0)
+                offs_out[s * epr + e] = o;  /* kept for combine: the inbox's meta is rewritten next round */
+            o += ((const int*)(meta + s * meta_bytes))[2 + e];
+        }
+        if (q == 0)
+            counts_out[e] = o;
+    }
+    for (int s = tid; s < ranks; s += B) {
+        const int n = (int)((const u32*)(meta + s * meta_bytes))[1];
+        if (q == 0)
+            nrecv_out[s] = n;
+        nsrc[s] = n < max_tokens ? n : max_tokens;
     }
     __syncthreads();
-    const int n = (int)((const u32*)(meta + s * meta_bytes))[1];
-    if (threadIdx.x == 0 && blockIdx.y == 0)
-        nrecv_out[s] = n;
+    if (tid == 0) {
+        int m = 0;
+        for (int s = 0; s < ranks; ++s)
+            m = nsrc[s] > m ? nsrc[s] : m;
+        maxn = m;
+    }
+    __syncthreads();
+    const u64* tags = (const u64*)(inbox + dtag_off);
     const long long pv = payload_bytes / 16;
     const int G = (int)(scale_bytes / 4);
-    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const long long items = (long long)(n < max_tokens ? n : max_tokens) * k;
-    /* a warp per (row, slot) */
-    for (long long it = (long long)blockIdx.y * warps + (threadIdx.x >> 5); it < items;
-         it += (long long)gridDim.y * warps) {
-        const int i = (int)(it / k), j = (int)(it - (long long)i * k);
+    const int lane = tid & 31, warps = B >> 5;
+    const long long per_row = (long long)ranks * k, items = (long long)maxn * per_row;
+    for (long long it = (long long)q * warps + (tid >> 5); it < items; it += (long long)Q * warps) {
+        const int i = (int)(it / per_row), rem = (int)(it - (long long)i * per_row);
+        const int s = rem / k, j = rem - s * k;
+        if (i >= nsrc[s])
+            continue;
+        int got = 1;
+        if (lane == 0)
+            got = wait_tag(tags + (long long)s * max_tokens + i, seq, start, timeout_ns, err, s);
+        got = __shfl_sync(0xffffffffu, got, 0);
+        if (!got)
+            return;
+        __syncwarp();  /* lane 0's acquire orders the other lanes' reads too */
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         const int* hdr = (const int*)row;
         const int e = hdr[1 + j];
         if (e < 0 || e >= epr)
             continue;
-        const long long d = (long long)off[e] + hdr[1 + k + j];
+        const long long d = (long long)off[s * epr + e] + hdr[1 + k + j];
         if (d < 0 || d >= cap) {
             if (lane == 0)
                 atomicCAS(err, 0, -1);
@@ -609,154 +658,193 @@ extern "C" __global__ void moe_dispatch_recv(
     }
 }
 
-/* moe_combine_send's units y, y + Y, ... of one source (a function per
- * y dtype: one loop holding both would need ~50% more registers) */
+/* grid (T + 1 + R), blockDim.x a multiple of 32, k <= 64; dynamic shared
+ * memory 4 * (E + ranks).  Tickets 0..T-1: a token each; ticket T: the
+ * counts; the R others: receivers. */
+extern "C" __global__ void moe_dispatch(
+    const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
+    const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
+    long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
+    int max_tokens, int* rowidx, long long payload_bytes, long long scale_bytes, u8* xout, float* sout,
+    int* src_out, int* counts_out, int* offs_out, int* nrecv_out, long long cap, u64 timeout_ns, int* err,
+    u32* tickets, u32 base)
+{
+    DYN_SHARED(int, sh);
+    __shared__ int sid[SID_WORDS];  /* senders: a chunk of the routing, CH tokens of ks ids each */
+    const u32 role = take_ticket(tickets, base);
+    if (role < (u32)T)
+        dispatch_token((int)role, x, in_bf16, idx, idx64, w, H, mode, peers, me, ranks, k, epr, seq, drows_off,
+                       row_bytes, header_bytes, dtag_off, max_tokens, rowidx, sid);
+    else if (role == (u32)T)
+        dispatch_meta(sh, sid, idx, idx64, T, peers, me, ranks, k, epr, seq, dflag_off, meta_off, meta_bytes);
+    else
+        dispatch_expand((int)(role - (u32)T - 1u), (int)(gridDim.x - (u32)T - 1u), sh, (const u8*)peers[me], ranks,
+                        k, epr, seq, dflag_off, meta_off, meta_bytes, drows_off, row_bytes, header_bytes,
+                        payload_bytes, scale_bytes, dtag_off, max_tokens, xout, sout, src_out, counts_out, offs_out,
+                        nrecv_out, cap, timeout_ns, err);
+}
+
+/* combine, one row of a source (all channels): the row's slots present here
+ * compacted in slot order by warp 0, then the weighted partial sums stored at dst */
 template <int YBF16>
-__device__ __forceinline__ void combine_units(const u8* inbox, const void* y, long long cap, int H, int s, int k,
-                                              int epr, const int* off, long long units, int parts, int nch,
-                                              long long drows_off, long long row_bytes, int max_tokens, u8* dst,
-                                              long long esz, int out_bf16)
+__device__ __forceinline__ void combine_row(const u8* row, const void* y, long long cap, int H, int k, int epr,
+                                            const int* off, u8* dst, int out_bf16)
 {
     __shared__ long long sat[64];
     __shared__ float sw[64];
     __shared__ int nv;
-    const int tid = threadIdx.x, B = blockDim.x;
-    for (long long u = blockIdx.y; u < units; u += gridDim.y) {
-        const int i = (int)(u / parts), c = (int)(u - (long long)i * parts) * B + tid;
-        const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
-        const int* hdr = (const int*)row;
-        if (tid < 32) {  /* warp 0: the row's slots present here, compacted in slot order */
-            int m = 0;
-            for (int j0 = 0; j0 < k; j0 += 32) {
-                const int j = j0 + tid;
-                const int e = j < k ? hdr[1 + j] : -1;
-                const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
-                const int ok = p >= 0 && p < cap;
-                const u32 b = __ballot_sync(0xffffffffu, ok);
-                if (ok) {
-                    const int q = m + __popc(b & ((1u << tid) - 1u));
-                    sat[q] = (long long)e * cap + p;
-                    sw[q] = ((const float*)(row + 4 + 8 * k))[j];
-                }
-                m += __popc(b);
+    const int tid = threadIdx.x, B = blockDim.x, nch = H / 8;
+    const int* hdr = (const int*)row;
+    if (tid < 32) {
+        int m = 0;
+        for (int j0 = 0; j0 < k; j0 += 32) {
+            const int j = j0 + tid;
+            const int e = j < k ? hdr[1 + j] : -1;
+            const long long p = (e >= 0 && e < epr) ? (long long)off[e] + hdr[1 + k + j] : -1;
+            const int ok = p >= 0 && p < cap;
+            const u32 b = __ballot_sync(0xffffffffu, ok);
+            if (ok) {
+                const int q = m + __popc(b & ((1u << tid) - 1u));
+                sat[q] = (long long)e * cap + p;
+                sw[q] = ((const float*)(row + 4 + 8 * k))[j];
             }
-            if (tid == 0)
-                nv = m;
+            m += __popc(b);
         }
-        __syncthreads();
-        if (c < nch) {
-            float acc[8];
-            for (int q = 0; q < 8; ++q)
-                acc[q] = 0.0f;
-            partial8<YBF16>(y, H, nv, sat, sw, c, acc);
-            store8(dst + (long long)i * H * esz, out_bf16, c, acc);
-        }
-        __syncthreads();
+        if (tid == 0)
+            nv = m;
     }
-}
-
-/* grid (ranks, Y), k <= 64; dynamic shared memory 4 * epr.  Block (s, y)
- * takes units y, y + Y, ... of source s: unit u is row u / P, channel part
- * u % P (P = parts of blockDim.x chunks of 8 channels).  A block without a
- * unit returns at once (no fence, no count): the counter for s counts units,
- * and the block that completes them raises s's flag (block (s, 0) when there
- * are none). */
-extern "C" __global__ void moe_combine_send(
-    const u8* inbox, const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks,
-    int k, int epr, u32 seq, long long cflag_off, const int* offs, const int* nrecv, long long drows_off,
-    long long row_bytes, long long crows_off, int max_tokens, int out_bf16, u32* done)
-{
-    DYN_SHARED(int, off);  /* epr */
-    const int s = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
-    /* offsets and row counts as dispatch_recv saw them: a source that has
-     * finished this round may already be rewriting its meta in our inbox */
-    const int n = nrecv[s];
-    const int nch = H / 8, parts = (nch + B - 1) / B;
-    const long long units = (long long)(n < max_tokens ? n : max_tokens) * parts;
-    u64* flag = (u64*)((u8*)peers[s] + cflag_off) + me;
-    if (units == 0) {
-        if (blockIdx.y == 0 && tid == 0)
-            st_release(flag, ((u64)seq << 32) | (u32)n);
-        return;
-    }
-    if ((long long)blockIdx.y >= units)
-        return;
-    for (int e = tid; e < epr; e += B)
-        off[e] = offs[s * epr + e];
-    const long long esz = out_bf16 ? 2 : 4;
-    u8* dst = (u8*)peers[s] + crows_off + (long long)me * max_tokens * H * esz;
     __syncthreads();
-    if (y_bf16)
-        combine_units<1>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
-                         esz, out_bf16);
-    else
-        combine_units<0>(inbox, y, cap, H, s, k, epr, off, units, parts, nch, drows_off, row_bytes, max_tokens, dst,
-                         esz, out_bf16);
-    const u32 mine = (u32)((units - blockIdx.y + gridDim.y - 1) / gridDim.y);
-    if (last_block(done + s, mine, (u32)units) && tid == 0)
-        st_relaxed(flag, ((u64)seq << 32) | (u32)n);  /* after last_block's fence: a release */
-}
-
-/* moe_combine_recv's units (a loop per dtype, as combine_units): the
- * partials of four (BF16) or two (float32) ranks loaded raw at once, then
- * added in rank order */
-template <int BF16>
-__device__ __forceinline__ void recv_units(const u8* base, const int* rowidx, int T, int H, int ranks,
-                                           int max_tokens, void* out)
-{
-    const long long esz = BF16 ? 2 : 4;
-    const int nch = H / 8, parts = (nch + blockDim.x - 1) / blockDim.x;
-    for (long long u = blockIdx.x; u < (long long)T * parts; u += gridDim.x) {
-        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * blockDim.x + threadIdx.x;
-        if (c >= nch)
-            continue;
+    for (int c = tid; c < nch; c += B) {
         float acc[8];
         for (int q = 0; q < 8; ++q)
             acc[q] = 0.0f;
-        const int NR = BF16 ? 4 : 2;  /* 64 bytes a lane in flight */
-        for (int r0 = 0; r0 < ranks; r0 += NR) {
-            uint4 q[NR][BF16 ? 1 : 2];
-            int has[NR];
-            for (int rr = 0; rr < NR; ++rr) {
-                const int r = r0 + rr;
-                const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
-                has[rr] = i >= 0;
-                if (i >= 0) {
-                    const uint4* row = (const uint4*)(base + ((long long)r * max_tokens + i) * H * esz);
-                    if (BF16) {
-                        q[rr][0] = row[c];
-                    } else {
-                        q[rr][0] = row[2 * c];
-                        q[rr][BF16 ? 0 : 1] = row[2 * c + 1];
-                    }
-                }
-            }
-            for (int rr = 0; rr < NR; ++rr)
-                if (has[rr]) {
-                    float v[8];
-                    unpack8(q[rr], BF16, v);
-                    for (int j = 0; j < 8; ++j)
-                        acc[j] = __fadd_rn(acc[j], v[j]);
-                }
+        partial8<YBF16>(y, H, nv, sat, sw, c, acc);
+        store8(dst, out_bf16, c, acc);
+    }
+    __syncthreads();
+}
+
+/* combine, sender b of S: rows u = b, b + S, ... of all sources interleaved
+ * (row i of source s is u = i * ranks + s), each summed over this rank's
+ * slots and stored into its source's inbox; then one fence and the rows' tags */
+__device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int y_bf16, long long cap, int H,
+                               const u64* peers, int me, int ranks, int k, int epr, u32 seq, const int* offs,
+                               const int* nrecv, long long drows_off, long long row_bytes, long long crows_off,
+                               long long ctag_off, int max_tokens, int out_bf16)
+{
+    const long long esz = out_bf16 ? 2 : 4;
+    int maxn = 0;
+    for (int s = 0; s < ranks; ++s) {
+        const int n = nrecv[s] < max_tokens ? nrecv[s] : max_tokens;
+        maxn = n > maxn ? n : maxn;
+    }
+    const long long units = (long long)maxn * ranks;
+    int did = 0;
+    for (long long u = b; u < units; u += S) {
+        const int i = (int)(u / ranks), s = (int)(u - (long long)i * ranks);
+        if (i >= nrecv[s] || i >= max_tokens)
+            continue;
+        const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
+        u8* dst = (u8*)peers[s] + crows_off + ((long long)me * max_tokens + i) * H * esz;
+        if (y_bf16)
+            combine_row<1>(row, y, cap, H, k, epr, offs + s * epr, dst, out_bf16);
+        else
+            combine_row<0>(row, y, cap, H, k, epr, offs + s * epr, dst, out_bf16);
+        did = 1;
+    }
+    if (did && threadIdx.x == 0) {  /* combine_row ended with a barrier: the fence covers the block's stores */
+        fence_sys();
+        for (long long u = b; u < units; u += S) {
+            const int i = (int)(u / ranks), s = (int)(u - (long long)i * ranks);
+            if (i < nrecv[s] && i < max_tokens)
+                st_relaxed((u64*)((u8*)peers[s] + ctag_off) + (long long)me * max_tokens + i, seq);
         }
-        store8((u8*)out + (long long)t * H * esz, BF16, c, acc);
     }
 }
 
-/* grid (G): unit u = token u / P, channel part u % P */
-extern "C" __global__ void moe_combine_recv(
-    const u8* inbox, const int* rowidx, int T, int H, int ranks, u32 seq, long long cflag_off,
-    long long crows_off, int max_tokens, int bf16, void* out, u64 timeout_ns, int* err)
+/* combine, receiver q of Q: unit u = (token u / P, channel part u % P); the
+ * threads wait for the tags of the token's rows (one thread per rank), then
+ * the partials of four (BF16) or two (float32) ranks are loaded raw at once
+ * and added in rank order */
+template <int BF16>
+__device__ void combine_gather(int q, int Q, const u8* inbox, const int* rowidx, int T, int H, int ranks, u32 seq,
+                               long long crows_off, long long ctag_off, int max_tokens, void* out, u64 timeout_ns,
+                               int* err)
 {
     __shared__ int ok;
-    if (threadIdx.x == 0)
-        ok = wait_flags((const u64*)(inbox + cflag_off), 0, ranks, seq, timeout_ns, err);
-    __syncthreads();
-    if (!ok)
-        return;
-    if (bf16)
-        recv_units<1>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
+    const int tid = threadIdx.x, B = blockDim.x;
+    const long long esz = BF16 ? 2 : 4;
+    const int nch = H / 8, parts = (nch + B - 1) / B;
+    const u64* tags = (const u64*)(inbox + ctag_off);
+    const u8* base = inbox + crows_off;
+    const u64 start = now_ns();
+    for (long long u = q; u < (long long)T * parts; u += Q) {
+        const int t = (int)(u / parts), c = (int)(u - (long long)t * parts) * B + tid;
+        if (tid == 0)
+            ok = 1;
+        __syncthreads();
+        for (int r = tid; r < ranks; r += B) {
+            const int i = rowidx[(long long)t * ranks + r];
+            if (i >= 0 && !wait_tag(tags + (long long)r * max_tokens + i, seq, start, timeout_ns, err, r))
+                ok = 0;
+        }
+        __syncthreads();
+        if (!ok)
+            return;
+        if (c < nch) {
+            float acc[8];
+            for (int j = 0; j < 8; ++j)
+                acc[j] = 0.0f;
+            const int NR = BF16 ? 4 : 2;  /* 64 bytes a lane in flight */
+            for (int r0 = 0; r0 < ranks; r0 += NR) {
+                uint4 qv[NR][BF16 ? 1 : 2];
+                int has[NR];
+                for (int rr = 0; rr < NR; ++rr) {
+                    const int r = r0 + rr;
+                    const int i = r < ranks ? rowidx[(long long)t * ranks + r] : -1;
+                    has[rr] = i >= 0;
+                    if (i >= 0) {
+                        const uint4* row = (const uint4*)(base + ((long long)r * max_tokens + i) * H * esz);
+                        if (BF16) {
+                            qv[rr][0] = row[c];
+                        } else {
+                            qv[rr][0] = row[2 * c];
+                            qv[rr][BF16 ? 0 : 1] = row[2 * c + 1];
+                        }
+                    }
+                }
+                for (int rr = 0; rr < NR; ++rr)
+                    if (has[rr]) {
+                        float v[8];
+                        unpack8(qv[rr], BF16, v);
+                        for (int j = 0; j < 8; ++j)
+                            acc[j] = __fadd_rn(acc[j], v[j]);
+                    }
+            }
+            store8((u8*)out + (long long)t * H * esz, BF16, c, acc);
+        }
+        __syncthreads();  /* ok is rewritten next unit */
+    }
+}
+
+/* grid (S + R), blockDim.x a multiple of 32, k <= 64.  Tickets 0..S-1:
+ * senders; the R others: receivers. */
+extern "C" __global__ void moe_combine(
+    const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
+    const int* offs, const int* nrecv, long long drows_off, long long row_bytes, long long crows_off,
+    long long ctag_off, int max_tokens, int out_bf16, const int* rowidx, int T, void* out, u64 timeout_ns, int* err,
+    u32* tickets, u32 base, int senders)
+{
+    const u32 role = take_ticket(tickets, base);
+    const u8* inbox = (const u8*)peers[me];
+    if (role < (u32)senders)
+        combine_sender((int)role, senders, inbox, y, y_bf16, cap, H, peers, me, ranks, k, epr, seq, offs, nrecv,
+                       drows_off, row_bytes, crows_off, ctag_off, max_tokens, out_bf16);
+    else if (out_bf16)
+        combine_gather<1>((int)(role - (u32)senders), (int)(gridDim.x - (u32)senders), inbox, rowidx, T, H, ranks,
+                          seq, crows_off, ctag_off, max_tokens, out, timeout_ns, err);
     else
-        recv_units<0>(inbox + crows_off, rowidx, T, H, ranks, max_tokens, out);
+        combine_gather<0>((int)(role - (u32)senders), (int)(gridDim.x - (u32)senders), inbox, rowidx, T, H, ranks,
+                          seq, crows_off, ctag_off, max_tokens, out, timeout_ns, err);
 }
 """

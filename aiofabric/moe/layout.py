@@ -23,6 +23,8 @@ A rank's **inbox** (one registered buffer; GPU: one allocation, one IPC handle):
     drows[ranks][max_tokens]   dispatch rows from each source, in token order
     crows[ranks][max_tokens]   combine rows from each expert rank: H x (2 | 4) bytes,
                                row i answers the i-th row this rank sent there
+    uint64  dtag[ranks][max_tokens]   GPU: round of the dispatch row (s, i) once it is complete
+    uint64  ctag[ranks][max_tokens]   GPU: round of the combine row (r, i) once it is complete
 """
 from __future__ import annotations
 
@@ -139,8 +141,16 @@ class MoEConfig:
         return self.drows_offset + self.ranks * self.max_tokens * self.row_bytes
 
     @property
+    def dtag_offset(self) -> int:
+        return _align(self.crows_offset + self.ranks * self.max_tokens * self.crow_bytes)
+
+    @property
+    def ctag_offset(self) -> int:
+        return self.dtag_offset + 8 * self.ranks * self.max_tokens
+
+    @property
     def inbox_bytes(self) -> int:
-        return self.crows_offset + self.ranks * self.max_tokens * self.crow_bytes
+        return self.ctag_offset + 8 * self.ranks * self.max_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
