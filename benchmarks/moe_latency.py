@@ -58,15 +58,19 @@ HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 FLAG_BYTES = 4096
 
 GATE = r"""
-extern "C" __global__ void moe_bench_gate(const unsigned long long* go, unsigned long long want)
+extern "C" __global__ void moe_bench_gate(const unsigned long long* go, unsigned long long want,
+                                          unsigned long long* stamp)
 {
     unsigned long long t0, t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
     while (true) {
         unsigned long long v;
         asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(go) : "memory");
-        if (v >= want)
+        if (v >= want) {
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            *stamp = t;  /* when this GPU left the gate (--trace) */
             return;
+        }
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
         if (t - t0 > 30000000000ull)  /* 30 s: never hang the GPU */
             return;
@@ -88,9 +92,9 @@ def _problem(ep: int, tokens: int, rank: int) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-          nccl: bool, conn, breakdown: bool = False) -> None:
+          nccl: bool, conn, breakdown: bool = False, trace: bool = False) -> None:
     try:
-        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown)))
+        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown, trace)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -98,7 +102,7 @@ def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int],
 
 
 def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-               nccl: bool, breakdown: bool = False) -> dict:
+               nccl: bool, breakdown: bool = False, trace: bool = False) -> dict:
     import cupy as cp
 
     from aiofabric.moe import MoEConfig
@@ -133,7 +137,16 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
             flags[0] = v
 
     cfg = MoEConfig(EXPERTS, ep, HIDDEN, TOPK, max(tokens_list), mode="fp8", combine_dtype="bf16")
-    moe = GpuExpertParallel(None, rank, cfg, device=rank, validate=False, timeout=30)
+    backend = None
+    if trace:
+        from aiofabric.moe.cuda import CudaBackend
+
+        backend = CudaBackend(rank, options=("-DMOE_TRACE",))
+    moe = GpuExpertParallel(None, rank, cfg, device=rank, validate=False, timeout=30, backend=backend)
+    stamps = cp.zeros(2, cp.uint64)
+    if trace:
+        tr_mem = backend.module.get_global("moe_trace")
+        tr = cp.ndarray((2, 1024, 8), cp.uint64, tr_mem)
     # the handle exchange: through a file next to the flag (no engine needed in this benchmark)
     info_path = f"{flag_path}.{rank}"
     with open(info_path + ".tmp", "wb") as f:
@@ -160,17 +173,20 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
         cp.cuda.Device(rank).synchronize()  # inputs (and y) made on the null stream are ready
         ours_d, ours_c = [], []
         stages: dict = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
+        traces: dict = {}
         stream.use()  # the caller runs on the group's stream: no cross-stream event waits in the calls
         for it in range(warmup + iters):
             step += 2
-            gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=stream)
+            if trace:
+                tr.fill(0)  # on the current stream: ours
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1), stamps[0:1]), stream=stream)
             ev[0].record(stream)
             moe.dispatch_send(x, idx, w)
             if breakdown:
                 ev[4].record(stream)
             moe.dispatch_recv()
             ev[1].record(stream)
-            gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=stream)
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step), stamps[1:2]), stream=stream)
             ev[2].record(stream)
             moe.combine_send(y)
             if breakdown:
@@ -188,11 +204,15 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
                     for key, a, b in (("dispatch_send", 0, 4), ("dispatch_recv", 4, 1), ("combine_send", 2, 5),
                                       ("combine_recv", 5, 3)):
                         stages[key].append(cp.cuda.get_elapsed_time(ev[a], ev[b]) * 1e3)
+                if trace:
+                    for key, v in _trace_points(tr.get(), stamps.get(), tokens, moe._send_c).items():
+                        traces.setdefault(key, []).append(v)
         cp.cuda.Stream.null.use()
         moe.synchronize()
         res = {"aiofabric_dispatch_us": ours_d, "aiofabric_combine_us": ours_c}
         if breakdown:
             res.update({f"stage_{k}_us": v for k, v in stages.items()})
+        res.update({f"trace_{k}_us": v for k, v in traces.items()})
         if nccl:
             try:
                 res.update(_nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup))
@@ -206,6 +226,31 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     os.close(fd)
     if dist is not None:
         dist.destroy_process_group()
+    return out
+
+
+def _trace_points(tr: np.ndarray, stamps: np.ndarray, tokens: int, senders_c: int) -> dict:
+    """The fused kernels' probes of one iteration, us after this GPU left the
+    gate: when blocks started, when the senders had stored and then tagged,
+    when the receivers had seen the metas / first rows and when they ended."""
+    out = {}
+    for k, (name, g, ns) in enumerate((("dispatch", stamps[0], tokens + 1), ("combine", stamps[1], senders_c))):
+        t = tr[k].astype(np.int64)
+        live = t[:, 0] != 0
+        rel = (t - np.int64(g)) / 1e3
+        snd, rcv = rel[:ns][live[:ns]], rel[ns:][live[ns:]]
+        out[f"{name}_first_start"] = float(rel[live, 0].min())
+        out[f"{name}_last_start"] = float(rel[live, 0].max())
+        if len(snd):
+            out[f"{name}_senders_stored"] = float(snd[:, 1].max())
+            out[f"{name}_senders_tagged"] = float(snd[:, 2].max())
+            for p, label in ((4, "p4"), (5, "p5"), (6, "p6")):
+                got = t[:ns][live[:ns], p] != 0
+                if got.any():
+                    out[f"{name}_senders_{label}"] = float(snd[got, p].max())
+        if len(rcv):
+            out[f"{name}_receivers_saw_first"] = float(rcv[:, 1].max())
+            out[f"{name}_receivers_end"] = float(rcv[:, 3].max())
     return out
 
 
@@ -235,6 +280,7 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
     except TypeError:  # a CuPy whose ExternalStream takes the pointer only
         gs = cp.cuda.ExternalStream(ts.cuda_stream)
     tev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    stamp = cp.zeros(1, cp.uint64)
     nd, nc = [], []
     with torch.cuda.stream(ts):  # connect NCCL's peers outside the gated loop
         dist.all_to_all_single(dr, ds, d_out, d_in)
@@ -243,11 +289,11 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
     with torch.cuda.stream(ts):
         for it in range(warmup + iters):
             step += 2
-            gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1)), stream=gs)
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1), stamp), stream=gs)
             tev[0].record(ts)
             dist.all_to_all_single(dr, ds, d_out, d_in)
             tev[1].record(ts)
-            gate((1,), (1,), (np.uint64(fptr), np.uint64(step)), stream=gs)
+            gate((1,), (1,), (np.uint64(fptr), np.uint64(step), stamp), stream=gs)
             tev[2].record(ts)
             dist.all_to_all_single(cr, cs, c_out, c_in)
             tev[3].record(ts)
@@ -262,7 +308,7 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
 
 
 def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float,
-           breakdown: bool = False) -> dict:
+           breakdown: bool = False, trace: bool = False) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -276,7 +322,7 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
     procs, conns = [], []
     for r in range(ep):
         here, there = ctx.Pipe()
-        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown),
+        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown, trace),
                         daemon=True)
         p.start()
         procs.append(p)
@@ -339,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=float, default=300, help="seconds allowed per EP size")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each kernel (send, receive) of each phase with CUDA events")
+    ap.add_argument("--trace", action="store_true",
+                    help="compile the kernels with timing probes and print when each role reached each point")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -366,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for ep in eps:
         try:
-            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown)
+            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown, args.trace)
         except (RuntimeError, TimeoutError) as e:
             print(f"EP{ep} failed: {e}")
             failed.append({"ep": ep, "error": str(e)})
@@ -397,6 +445,12 @@ def print_table(out: dict) -> None:
             ratio = f"{b['p50'] / a['p50']:9.2f}" if b else f"{'-':>9}"
             print(f"{row['ep']:>3} {row['tokens']:>6} | {op:>8} | {a['p50']:13.1f} {a['p99']:7.1f} | {nccl_s} | "
                   f"{ratio}")
+    points = sorted({k for row in out["rows"] for k in row if k.startswith("trace_")})
+    if points:
+        print("probes (--trace): p50 us after the GPU left its gate, slowest rank per iteration")
+        for row in out["rows"]:
+            print(f"EP{row['ep']} {row['tokens']} tokens: " +
+                  ", ".join(f"{k[6:-3]} {row[k]['p50']:.1f}" for k in points if k in row))
     stages = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
     if any(f"stage_{k}_us" in row for row in out["rows"] for k in stages):
         print("per kernel (slowest rank per iteration, p50 / p99 us; *_recv includes waiting for the peers)")

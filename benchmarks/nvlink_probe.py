@@ -29,6 +29,24 @@ typedef unsigned long long u64;
 __device__ __forceinline__ u64 now_ns() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
 extern "C" __global__ void empty() {}
 
+/* spins ~us microseconds, then stores when it ended */
+extern "C" __global__ void busy(u64 us, u64* stamp)
+{
+    const u64 t0 = now_ns();
+    u64 t;
+    do { t = now_ns(); } while (t - t0 < us * 1000);
+    stamp[0] = t;
+}
+/* stores when its first block started (blocks x threads, shared bytes of static shared memory used) */
+extern "C" __global__ void starts(u64* stamp)
+{
+    __shared__ int big[4096];
+    const u64 t = now_ns();
+    big[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    if (threadIdx.x == 0 && big[1] == 1) atomicMin(stamp + 1, t);
+}
+
 extern "C" __global__ void ping(u64* mine, u64* theirs, int n, int first)
 {
     for (int i = 1; i <= n; ++i) {
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in range(n):
         with cp.cuda.Device(d):
             m = cp.RawModule(code=SRC)
-            mods.append({k: m.get_function(k) for k in ("empty", "ping", "fence_cost", "spray")})
+            mods.append({k: m.get_function(k) for k in ("empty", "ping", "fence_cost", "spray", "busy", "starts")})
             for p in range(n):
                 if p != d:
                     try:
@@ -109,7 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     out["launch_grid_us"] = timed(0, lambda s: e((sms,), (512,), (), stream=s))
     out["launch_two_us"] = timed(0, lambda s: (e((1,), (32,), (), stream=s), e((1,), (32,), (), stream=s)))
     print(f"launch: empty kernel {out['launch_1block_us']:.2f} us, {sms}x512 {out['launch_grid_us']:.2f} us, "
-          f"two back to back {out['launch_two_us']:.2f} us (event to event)")
+          f"two back to back {out['launch_two_us']:.2f} us (event to event, host launch included)")
+    # the gap between one kernel's end and the next one's first block, both queued in advance
+    with cp.cuda.Device(0):
+        s0 = cp.cuda.Stream(non_blocking=True)
+        st = cp.zeros(2, cp.uint64)
+        ev = cp.cuda.Event()
+        busy, starts = mods[0]["busy"], mods[0]["starts"]
+        out["gap_us"] = {}
+        for label, grid, block, with_event in (("1x32", 1, 32, False), ("1x32 + event", 1, 32, True),
+                                               (f"{2 * sms}x512", 2 * sms, 512, False),
+                                               (f"{2 * sms}x512 + event", 2 * sms, 512, True)):
+            gaps = []
+            for _ in range(50):
+                st.fill(0)
+                st[1:2].fill(np.uint64(2**63))
+                cp.cuda.Device(0).synchronize()
+                busy((1,), (1,), (np.uint64(30), st), stream=s0)
+                if with_event:
+                    ev.record(s0)
+                starts((grid,), (block,), (st,), stream=s0)
+                s0.synchronize()
+                a, b = (int(v) for v in st.get())
+                gaps.append((b - a) / 1e3)
+            out["gap_us"][label] = statistics.median(gaps)
+        print("kernel end -> next kernel's first block (queued): " +
+              ", ".join(f"{k} {v:.2f} us" for k, v in out["gap_us"].items()))
 
     if n >= 2:
         flags = []

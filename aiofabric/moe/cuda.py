@@ -46,12 +46,12 @@ class CudaBackend:
     """The real device: CuPy arrays, NVRTC-compiled kernels, one
     non-blocking stream, CUDA IPC for peers in other processes."""
 
-    def __init__(self, device: int) -> None:
+    def __init__(self, device: int, options: tuple[str, ...] = ()) -> None:
         cp = self.xp = _cupy()
         self.device = device
         self.pid = os.getpid()
         with cp.cuda.Device(device):
-            mod = cp.RawModule(code=SOURCE)
+            self.module = mod = cp.RawModule(code=SOURCE, options=tuple(options))
             self._k = {n: mod.get_function(n) for n in NAMES}
             for k in self._k.values():
                 try:

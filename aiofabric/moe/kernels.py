@@ -92,6 +92,21 @@ __device__ __forceinline__ u64 now_ns()
 #define PAUSE() __nanosleep(64)
 #endif
 
+__shared__ u32 block_role;  /* this block's ticket in a fused kernel (take_ticket) */
+
+#ifdef MOE_TRACE
+/* timing probes (benchmarks/moe_latency.py --trace): %globaltimer per role and point */
+#define TRACE_ROLES 1024
+__device__ u64 moe_trace[2][TRACE_ROLES][8];
+__device__ __forceinline__ void trace(int kernel, int point)
+{
+    if (threadIdx.x == 0 && block_role < TRACE_ROLES)
+        moe_trace[kernel][block_role][point] = now_ns();
+}
+#else
+#define trace(kernel, point) ((void)0)
+#endif
+
 #define MODE_BF16 0
 #define MODE_FP8 1
 #define MODE_F32 2
@@ -392,11 +407,10 @@ __device__ __forceinline__ void stage_ids(int* sid, const void* idx, int idx64, 
  * gridDim.x tickets; the host passes the count taken before it as base. */
 __device__ __forceinline__ u32 take_ticket(u32* tickets, u32 base)
 {
-    __shared__ u32 tk;
     if (threadIdx.x == 0)
-        tk = atomicAdd(tickets, 1u) - base;
+        block_role = atomicAdd(tickets, 1u) - base;
     __syncthreads();
-    return tk;
+    return block_role;
 }
 
 /* dispatch, the sender of token t: its slots, then over the tokens before it,
@@ -466,6 +480,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         nd = n;
     }
     __syncthreads();
+    trace(0, 4);
     const int n = nd;
     for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
         const int d = q / k, j = q - d * k, r = sr[dsl[d]];
@@ -484,6 +499,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
                 v = sd[dsl[d]];
         rowidx[(long long)t * ranks + r] = v;
     }
+    trace(0, 5);
     if (n == 0)
         return;
     const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
@@ -509,13 +525,16 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
                     put8((u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes +
                              header_bytes, mode, H, c1, o, sc);
         }
+        trace(0, 6);
     }
     __syncthreads();
+    trace(0, 1);
     if (tid == 0) {  /* one fence orders the whole block's stores (cumulative after the barrier) */
         fence_sys();
         for (int d = 0; d < n; ++d)
             st_relaxed((u64*)((u8*)peers[sr[dsl[d]]] + dtag_off) + (long long)me * max_tokens + sd[dsl[d]], seq);
     }
+    trace(0, 2);
 }
 
 /* dispatch, the counting sender: tokens per (destination, expert) and rows
@@ -563,11 +582,13 @@ __device__ void dispatch_meta(int* hist, int* sid, const void* idx, int idx64, i
         m[q] = q == 0 ? seq : q == 1 ? (u32)rows[r] : (u32)hist[r * epr + q - 2];
     }
     __syncthreads();
+    trace(0, 1);
     if (tid == 0) {
         fence_sys();
         for (int r = 0; r < ranks; ++r)
             st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | (u32)rows[r]);
     }
+    trace(0, 2);
 }
 
 /* dispatch, receiver q of Q: waits for every source's meta, works out where
@@ -588,6 +609,7 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
     if (tid == 0)
         ok = wait_flags((const u64*)(inbox + dflag_off), 0, ranks, seq, timeout_ns, err);
     __syncthreads();
+    trace(0, 1);
     if (!ok)
         return;
     const u8* meta = inbox + meta_off;
@@ -672,6 +694,7 @@ extern "C" __global__ void moe_dispatch(
     DYN_SHARED(int, sh);
     __shared__ int sid[SID_WORDS];  /* senders: a chunk of the routing, CH tokens of ks ids each */
     const u32 role = take_ticket(tickets, base);
+    trace(0, 0);
     if (role < (u32)T)
         dispatch_token((int)role, x, in_bf16, idx, idx64, w, H, mode, peers, me, ranks, k, epr, seq, drows_off,
                        row_bytes, header_bytes, dtag_off, max_tokens, rowidx, sid);
@@ -682,6 +705,7 @@ extern "C" __global__ void moe_dispatch(
                         k, epr, seq, dflag_off, meta_off, meta_bytes, drows_off, row_bytes, header_bytes,
                         payload_bytes, scale_bytes, dtag_off, max_tokens, xout, sout, src_out, counts_out, offs_out,
                         nrecv_out, cap, timeout_ns, err);
+    trace(0, 3);
 }
 
 /* combine, one row of a source (all channels): the row's slots present here
@@ -740,6 +764,7 @@ __device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int
     }
     const long long units = (long long)maxn * ranks;
     int did = 0;
+    trace(1, 4);
     for (long long u = b; u < units; u += S) {
         const int i = (int)(u / ranks), s = (int)(u - (long long)i * ranks);
         if (i >= nrecv[s] || i >= max_tokens)
@@ -750,8 +775,11 @@ __device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int
             combine_row<1>(row, y, cap, H, k, epr, offs + s * epr, dst, out_bf16);
         else
             combine_row<0>(row, y, cap, H, k, epr, offs + s * epr, dst, out_bf16);
+        if (!did)
+            trace(1, 5);
         did = 1;
     }
+    trace(1, 1);
     if (did && threadIdx.x == 0) {  /* combine_row ended with a barrier: the fence covers the block's stores */
         fence_sys();
         for (long long u = b; u < units; u += S) {
@@ -760,6 +788,7 @@ __device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int
                 st_relaxed((u64*)((u8*)peers[s] + ctag_off) + (long long)me * max_tokens + i, seq);
         }
     }
+    trace(1, 2);
 }
 
 /* combine, receiver q of Q: unit u = (token u / P, channel part u % P); the
@@ -789,6 +818,7 @@ __device__ void combine_gather(int q, int Q, const u8* inbox, const int* rowidx,
                 ok = 0;
         }
         __syncthreads();
+        trace(1, u == q ? 1 : 2);
         if (!ok)
             return;
         if (c < nch) {
@@ -836,6 +866,7 @@ extern "C" __global__ void moe_combine(
     u32* tickets, u32 base, int senders)
 {
     const u32 role = take_ticket(tickets, base);
+    trace(1, 0);
     const u8* inbox = (const u8*)peers[me];
     if (role < (u32)senders)
         combine_sender((int)role, senders, inbox, y, y_bf16, cap, H, peers, me, ranks, k, epr, seq, offs, nrecv,
@@ -846,5 +877,6 @@ extern "C" __global__ void moe_combine(
     else
         combine_gather<0>((int)(role - (u32)senders), (int)(gridDim.x - (u32)senders), inbox, rowidx, T, H, ranks,
                           seq, crows_off, ctag_off, max_tokens, out, timeout_ns, err);
+    trace(1, 3);
 }
 """
