@@ -144,33 +144,40 @@ __device__ __forceinline__ u8 f32_e4m3(float x)
 }
 
 
-/* thread 0: wait until flags[from..to) carry round seq (acquiring polls: a
- * system-scope fence after relaxed polls costs ~1.4 us on H200); 0 on timeout (err set) */
+/* Waiting: relaxed polls (a strong load that skips L1), then one acquiring
+ * load of the value seen.  Every acquiring load invalidates its SM's L1, and
+ * with hundreds of spinning blocks sharing SMs with the senders that slowed
+ * the senders' own loads by microseconds; a system-scope fence after the
+ * polls instead costs ~1.4 us on H200 (benchmarks/nvlink_probe.py). */
+
+/* thread 0: wait until flags[from..to) carry round seq in their high half; 0 on timeout (err set) */
 __device__ int wait_flags(const u64* flags, int from, int to, u32 seq, u64 timeout_ns, int* err)
 {
     const u64 start = now_ns();
     for (int s = from; s < to; ++s) {
-        while ((u32)(ld_acquire(flags + s) >> 32) != seq) {
+        while ((u32)(ld_relaxed(flags + s) >> 32) != seq) {
             if (now_ns() - start > timeout_ns) {
                 atomicCAS(err, 0, 1 + s);
                 return 0;
             }
             PAUSE();
         }
+        (void)ld_acquire(flags + s);
     }
     return 1;
 }
 
-/* wait until a row's tag carries round seq (acquiring polls); 0 on timeout, err = 1 + who */
+/* wait until a row's tag carries round seq; 0 on timeout, err = 1 + who */
 __device__ __forceinline__ int wait_tag(const u64* tag, u32 seq, u64 start, u64 timeout_ns, int* err, int who)
 {
-    while (ld_acquire(tag) != (u64)seq) {
+    while (ld_relaxed(tag) != (u64)seq) {
         if (now_ns() - start > timeout_ns) {
             atomicCAS(err, 0, 1 + who);
             return 0;
         }
         PAUSE();
     }
+    (void)ld_acquire(tag);
     return 1;
 }
 
@@ -389,6 +396,7 @@ extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, in
 }
 
 #define SID_WORDS 2048
+#define MAX_RANKS_GPU 1024  /* layout.MAX_RANKS */
 
 /* sid[i * ks + j] = expert id of slot j of token base + i (i < nt), -1 masked */
 __device__ __forceinline__ void stage_ids(int* sid, const void* idx, int idx64, int base, int nt, int k, int ks, int E)
@@ -425,6 +433,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
 {
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
     __shared__ int nd;
+    __shared__ u8* drow[64];  /* the row at each destination (n of them) */
     const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x;
     /* the routing is read in chunks, staged in shared memory by coalesced
      * loads all in flight at once; an odd row stride avoids bank conflicts
@@ -479,12 +488,15 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         }
         nd = n;
     }
+    __syncthreads();  /* sd complete (the warps' adds), dsl and nd written */
+    const int n = nd;
+    for (int d = tid; d < n; d += B)
+        drow[d] = (u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
     __syncthreads();
     trace(0, 4);
-    const int n = nd;
     for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
         const int d = q / k, j = q - d * k, r = sr[dsl[d]];
-        u8* row = (u8*)peers[r] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+        u8* row = drow[d];
         const int on = sr[j] == r;
         if (j == 0)
             ((int*)row)[0] = t;
@@ -516,14 +528,12 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         pack_raw(q0, in_bf16, mode, v0, o, &sc);
         if (v0)
             for (int d = 0; d < n; ++d)
-                put8((u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes +
-                         header_bytes, mode, H, c0, o, sc);
+                put8(drow[d] + header_bytes, mode, H, c0, o, sc);
         if (base + B < nch) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
             pack_raw(q1, in_bf16, mode, v1, o, &sc);
             if (v1)
                 for (int d = 0; d < n; ++d)
-                    put8((u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes +
-                             header_bytes, mode, H, c1, o, sc);
+                    put8(drow[d] + header_bytes, mode, H, c1, o, sc);
         }
         trace(0, 6);
     }
@@ -756,18 +766,26 @@ __device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int
                                const int* nrecv, long long drows_off, long long row_bytes, long long crows_off,
                                long long ctag_off, int max_tokens, int out_bf16)
 {
+    __shared__ int nr[MAX_RANKS_GPU];  /* rows from each source, capped */
+    __shared__ int maxn_s;
     const long long esz = out_bf16 ? 2 : 4;
-    int maxn = 0;
-    for (int s = 0; s < ranks; ++s) {
-        const int n = nrecv[s] < max_tokens ? nrecv[s] : max_tokens;
-        maxn = n > maxn ? n : maxn;
+    for (int s = threadIdx.x; s < ranks; s += blockDim.x)
+        nr[s] = nrecv[s] < max_tokens ? nrecv[s] : max_tokens;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int m = 0;
+        for (int s = 0; s < ranks; ++s)
+            m = nr[s] > m ? nr[s] : m;
+        maxn_s = m;
     }
+    __syncthreads();
+    const int maxn = maxn_s;
     const long long units = (long long)maxn * ranks;
     int did = 0;
     trace(1, 4);
     for (long long u = b; u < units; u += S) {
         const int i = (int)(u / ranks), s = (int)(u - (long long)i * ranks);
-        if (i >= nrecv[s] || i >= max_tokens)
+        if (i >= nr[s])
             continue;
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         u8* dst = (u8*)peers[s] + crows_off + ((long long)me * max_tokens + i) * H * esz;
@@ -784,7 +802,7 @@ __device__ void combine_sender(int b, int S, const u8* inbox, const void* y, int
         fence_sys();
         for (long long u = b; u < units; u += S) {
             const int i = (int)(u / ranks), s = (int)(u - (long long)i * ranks);
-            if (i < nrecv[s] && i < max_tokens)
+            if (i < nr[s])
                 st_relaxed((u64*)((u8*)peers[s] + ctag_off) + (long long)me * max_tokens + i, seq);
         }
     }
