@@ -92,9 +92,10 @@ def _problem(ep: int, tokens: int, rank: int) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-          nccl: bool, conn, breakdown: bool = False, trace: bool = False) -> None:
+          nccl: bool, conn, breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> None:
     try:
-        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown, trace)))
+        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown, trace,
+                                    defines)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -102,7 +103,7 @@ def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int],
 
 
 def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-               nccl: bool, breakdown: bool = False, trace: bool = False) -> dict:
+               nccl: bool, breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> dict:
     import cupy as cp
 
     from aiofabric.moe import MoEConfig
@@ -138,15 +139,15 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
 
     cfg = MoEConfig(EXPERTS, ep, HIDDEN, TOPK, max(tokens_list), mode="fp8", combine_dtype="bf16")
     backend = None
-    if trace:
+    if trace or defines:
         from aiofabric.moe.cuda import CudaBackend
 
-        backend = CudaBackend(rank, options=("-DMOE_TRACE",))
+        backend = CudaBackend(rank, options=(("-DMOE_TRACE",) if trace else ()) + tuple(f"-D{d}" for d in defines))
     moe = GpuExpertParallel(None, rank, cfg, device=rank, validate=False, timeout=30, backend=backend)
     stamps = cp.zeros(2, cp.uint64)
     if trace:
         tr_mem = backend.module.get_global("moe_trace")
-        tr = cp.ndarray((2, 1024, 8), cp.uint64, tr_mem)
+        tr = cp.ndarray((2, 1024, 12), cp.uint64, tr_mem)
     # the handle exchange: through a file next to the flag (no engine needed in this benchmark)
     info_path = f"{flag_path}.{rank}"
     with open(info_path + ".tmp", "wb") as f:
@@ -244,7 +245,7 @@ def _trace_points(tr: np.ndarray, stamps: np.ndarray, tokens: int, senders_c: in
         if len(snd):
             out[f"{name}_senders_stored"] = float(snd[:, 1].max())
             out[f"{name}_senders_tagged"] = float(snd[:, 2].max())
-            for p, label in ((4, "p4"), (5, "p5"), (6, "p6")):
+            for p, label in ((4, "p4"), (5, "p5"), (6, "p6"), (7, "p7"), (8, "p8"), (9, "p9"), (10, "p10")):
                 got = t[:ns][live[:ns], p] != 0
                 if got.any():
                     out[f"{name}_senders_{label}"] = float(snd[got, p].max())
@@ -308,7 +309,7 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
 
 
 def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float,
-           breakdown: bool = False, trace: bool = False) -> dict:
+           breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -322,7 +323,8 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
     procs, conns = [], []
     for r in range(ep):
         here, there = ctx.Pipe()
-        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown, trace),
+        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown, trace,
+                                tuple(defines)),
                         daemon=True)
         p.start()
         procs.append(p)
@@ -387,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each kernel (send, receive) of each phase with CUDA events")
     ap.add_argument("--trace", action="store_true",
                     help="compile the kernels with timing probes and print when each role reached each point")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="compile the kernels with -DNAME[=VALUE] (kernel experiments)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -407,14 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "moe_latency", "card": card, "gpus": n, "commit": _commit(), "host": platform.node(),
            "shape": {"hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "dispatch": "fp8 e4m3 + f32 scale/128",
                      "combine": "bf16"},
-           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "rows": []}
+           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "defines": args.define,
+           "rows": []}
     if not eps:
         print(f"needs 2 or more GPUs for EP{args.ep}, found {n}")
         return 1
     failed = []
     for ep in eps:
         try:
-            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown, args.trace)
+            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown, args.trace,
+                         tuple(args.define))
         except (RuntimeError, TimeoutError) as e:
             print(f"EP{ep} failed: {e}")
             failed.append({"ep": ep, "error": str(e)})

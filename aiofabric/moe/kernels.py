@@ -89,7 +89,10 @@ __device__ __forceinline__ u64 now_ns()
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-#define PAUSE() __nanosleep(64)
+#ifndef PAUSE_NS
+#define PAUSE_NS 64
+#endif
+#define PAUSE() do { if (PAUSE_NS > 0) __nanosleep(PAUSE_NS); } while (0)
 #endif
 
 __shared__ u32 block_role;  /* this block's ticket in a fused kernel (take_ticket) */
@@ -97,7 +100,7 @@ __shared__ u32 block_role;  /* this block's ticket in a fused kernel (take_ticke
 #ifdef MOE_TRACE
 /* timing probes (benchmarks/moe_latency.py --trace): %globaltimer per role and point */
 #define TRACE_ROLES 1024
-__device__ u64 moe_trace[2][TRACE_ROLES][8];
+__device__ u64 moe_trace[2][TRACE_ROLES][12];
 __device__ __forceinline__ void trace(int kernel, int point)
 {
     if (threadIdx.x == 0 && block_role < TRACE_ROLES)
@@ -447,12 +450,14 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         sd[j] = 0;
     }
     __syncthreads();
+    trace(0, 7);
     const int lane = tid & 31;
     for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
         const int nt = t - base < CH ? t - base : CH;
         __syncthreads();
         stage_ids(sid, idx, idx64, base, nt, k, ks, E);
         __syncthreads();
+        trace(0, 8);
         u64 pm = 0, dm = 0;
         for (int j2 = 0; tid < nt && j2 < k; ++j2) {
             const int e2 = sid[tid * ks + j2];
@@ -466,6 +471,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
                     dm |= 1ull << j;
             }
         }
+        trace(0, 9);
         for (int j = 0; j < k; ++j) {
             const int np = __popc(__ballot_sync(0xffffffffu, (int)((pm >> j) & 1ull)));
             const int nr = __popc(__ballot_sync(0xffffffffu, (int)((dm >> j) & 1ull)));
@@ -474,6 +480,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
             if (lane == 0 && nr)
                 atomicAdd(&sd[j], nr);
         }
+        trace(0, 10);
     }
     if (tid == 0) {  /* the destinations: the first slot of each rank */
         int n = 0;
