@@ -71,6 +71,26 @@ extern "C" __global__ void fence_cost(uint4* dst, long long n16, u64* out)
     }
 }
 
+/* block b stores n16 uint4 (or 2 * n16 uint2) at dst + b * n16; out[3b..3b+2] = start, stores issued, fenced */
+extern "C" __global__ void block_store(uint4* dst, long long n16, int narrow, u64* out)
+{
+    const u64 t0 = now_ns();
+    uint4* d = dst + blockIdx.x * n16;
+    if (narrow) {
+        uint2 v; v.x = v.y = 1u;
+        for (long long i = threadIdx.x; i < 2 * n16; i += blockDim.x) ((uint2*)d)[i] = v;
+    } else {
+        uint4 v; v.x = v.y = v.z = v.w = 1u;
+        for (long long i = threadIdx.x; i < n16; i += blockDim.x) d[i] = v;
+    }
+    __syncthreads();
+    const u64 t1 = now_ns();
+    if (threadIdx.x == 0) {
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        out[3 * blockIdx.x] = t0; out[3 * blockIdx.x + 1] = t1; out[3 * blockIdx.x + 2] = now_ns();
+    }
+}
+
 /* every block copies its share of n16 uint4 from src to dst[k] for k < nd (nd destinations) */
 extern "C" __global__ void spray(const uint4* src, uint4** dst, int nd, long long n16)
 {
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in range(n):
         with cp.cuda.Device(d):
             m = cp.RawModule(code=SRC)
-            mods.append({k: m.get_function(k) for k in ("empty", "ping", "fence_cost", "spray", "busy", "starts")})
+            mods.append({k: m.get_function(k) for k in ("empty", "ping", "fence_cost", "spray", "busy", "starts", "block_store")})
             for p in range(n):
                 if p != d:
                     try:
@@ -199,6 +219,26 @@ def main(argv: list[str] | None = None) -> int:
                     vals.append(int(res_d.get()[0]))
                 out["fence_ns"][label] = statistics.median(vals)
             print("fence.acq_rel.sys after stores: " + ", ".join(f"{k} {v:.0f} ns" for k, v in out["fence_ns"].items()))
+            bs = mods[0]["block_store"]
+            stamp = cp.zeros(3 * 64, cp.uint64)
+            out["block_store"] = []
+            for where, buf in (("peer", peer_buf), ("local", own_buf)):
+                for blocks in (1, 8, 64):
+                    for narrow in (0, 1):
+                        for kib in (8, 32):
+                            issued, fenced = [], []
+                            for _ in range(30):
+                                bs((blocks,), (512,), (buf, np.int64(kib * 1024 // 16), np.int32(narrow), stamp))
+                                v = stamp.get().astype(np.int64).reshape(64, 3)[:blocks]
+                                issued.append(float((v[:, 1] - v[:, 0]).max()) / 1e3)
+                                fenced.append(float((v[:, 2] - v[:, 0]).max()) / 1e3)
+                            row = {"to": where, "blocks": blocks, "bytes_per_store": 8 if narrow else 16,
+                                   "KiB_per_block": kib, "issued_us": statistics.median(issued),
+                                   "fenced_us": statistics.median(fenced)}
+                            out["block_store"].append(row)
+                            print(f"{blocks:3d} block(s) x {kib:2d} KiB to {where:5s} in {row['bytes_per_store']:2d}-byte "
+                                  f"stores: issued {row['issued_us']:.2f} us, fenced {row['fenced_us']:.2f} us "
+                                  f"({kib * 1024 / row['fenced_us'] / 1e3:.1f} GB/s a block)")
 
         sp = mods[0]["spray"]
         out["remote_store"] = []

@@ -79,8 +79,8 @@ class GpuExpertParallel:
         self.validate = bool(validate)
         if isinstance(threads, bool) or not isinstance(threads, int) or not (32 <= threads <= 1024 and threads % 32 == 0):
             raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
-        if 4 * (config.num_experts + config.ranks) > 48 * 1024:
-            raise ValueError("num_experts + ranks must be <= 12288 on the GPU path (shared-memory histogram)")
+        if 4 * (config.num_experts + 1) + 8 * config.ranks > 48 * 1024:
+            raise ValueError("4 * num_experts + 8 * ranks must be <= 48 KiB on the GPU path (shared-memory tables)")
         self._threads = threads
         b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
         u8, i32 = np.uint8, np.int32
@@ -92,14 +92,15 @@ class GpuExpertParallel:
         self._err = b.zeros(1, i32)
         # launch shapes (docs/moe.md): every block of a phase resident at once where it fits;
         # receivers after the senders, as many as the work can use
-        self._shared_d = 4 * (c.num_experts + ranks)
+        self._shared_d = 4 * (c.num_experts + 1) + 8 * ranks  # moe_dispatch's roles' tables
         room_d = b.resident("moe_dispatch", threads, self._shared_d)
         room_c = b.resident("moe_combine", threads, 0)
         warps, parts = threads // 32, -(-(c.hidden // 8) // threads)
         quarter = max(1, room_d // 4)
         self._recv_d = max(quarter, min(room_d - mt - 1, -(-ranks * mt * c.topk // warps)))
-        self._recv_c = max(1, min(quarter, mt * parts))
-        self._send_c = max(1, min(room_c - self._recv_c, ranks * mt))
+        # combine: senders fill the device; the receivers (a unit each) start as senders retire
+        self._send_c = max(1, min(room_c, ranks * mt))
+        self._recv_c = max(1, min(mt * parts, 4096))
         self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
         self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
         self._peers = b.zeros(ranks, np.uint64)

@@ -432,44 +432,89 @@ __device__ __forceinline__ u32 take_ticket(u32* tickets, u32 base)
 __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* idx, int idx64, const float* w, int H,
                                int mode, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
                                long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
-                               int max_tokens, int* rowidx, int* sid)
+                               int max_tokens, int* rowidx, int* sid, int* sh)
 {
     __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
+    __shared__ u64 smask[64];  /* slot j: the slots holding the same expert (an expert named twice) */
+    __shared__ float sw[64];
+    __shared__ u64 speer[64];  /* slot j: its rank's inbox */
     __shared__ int nd;
-    __shared__ u8* drow[64];  /* the row at each destination (n of them) */
-    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x;
+    __shared__ u8* drow[64];   /* the row at each destination (nd of them) */
+    const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, lane = tid & 31;
+    int* slot_of = sh;                            /* [E]: the first slot of this token naming expert e, or -1 */
+    u64* rmask = (u64*)(sh + E + (E & 1));        /* [ranks]: the slots of this token on rank r */
     /* the routing is read in chunks, staged in shared memory by coalesced
      * loads all in flight at once; an odd row stride avoids bank conflicts
      * when a thread per token reads its row */
     const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
+    for (int e = tid; e < E; e += B)
+        slot_of[e] = -1;
+    for (int r = tid; r < ranks; r += B)
+        rmask[r] = 0;
     for (int j = tid; j < k; j += B) {
         const int e = expert_at(idx, idx64, (long long)t * k + j, E);
         se[j] = e;
         sr[j] = e >= 0 ? e / epr : -1;
+        sw[j] = w[(long long)t * k + j];
         sp[j] = 0;
         sd[j] = 0;
     }
     __syncthreads();
+    for (int j = tid; j < k; j += B) {  /* a thread per slot: its expert's and its rank's slot sets */
+        const int e = se[j], r = sr[j];
+        u64 em = 0, rm = 0;
+        int first_e = 1, first_r = 1;
+        for (int j2 = 0; j2 < k; ++j2) {
+            if (e >= 0 && se[j2] == e) {
+                em |= 1ull << j2;
+                first_e &= j2 >= j;
+            }
+            if (r >= 0 && sr[j2] == r) {
+                rm |= 1ull << j2;
+                first_r &= j2 >= j;
+            }
+        }
+        smask[j] = em;
+        if (e >= 0 && first_e)
+            slot_of[e] = j;
+        if (r >= 0 && first_r) {
+            rmask[r] = rm;
+            speer[j] = peers[r];
+        }
+        sp[j] = first_r;  /* borrowed until the destinations are listed below */
+    }
+    __syncthreads();
+    if (tid < 32) {  /* the destinations: the first slot of each rank, in slot order */
+        int n = 0;
+        for (int j0 = 0; j0 < k; j0 += 32) {
+            const int j = j0 + lane, f = j < k && sr[j] >= 0 && sp[j];
+            const u32 b = __ballot_sync(0xffffffffu, f);
+            if (f)
+                dsl[n + __popc(b & ((1u << lane) - 1u))] = j;
+            n += __popc(b);
+        }
+        if (lane == 0)
+            nd = n;
+    }
+    __syncthreads();
+    for (int j = tid; j < k; j += B)
+        sp[j] = 0;
     trace(0, 7);
-    const int lane = tid & 31;
     for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
         const int nt = t - base < CH ? t - base : CH;
         __syncthreads();
         stage_ids(sid, idx, idx64, base, nt, k, ks, E);
         __syncthreads();
         trace(0, 8);
-        u64 pm = 0, dm = 0;
+        u64 pm = 0, dm = 0;  /* the slots of token t whose expert / rank this earlier token names too */
         for (int j2 = 0; tid < nt && j2 < k; ++j2) {
             const int e2 = sid[tid * ks + j2];
             if (e2 < 0)
                 continue;
-            const int r2 = e2 / epr;
-            for (int j = 0; j < k; ++j) {
-                if (se[j] == e2)
-                    pm |= 1ull << j;
-                if (sr[j] == r2)
-                    dm |= 1ull << j;
-            }
+            const int j = slot_of[e2];
+            if (j >= 0)
+                pm |= smask[j];
+            dm |= rmask[e2 / epr];
         }
         trace(0, 9);
         for (int j = 0; j < k; ++j) {
@@ -482,23 +527,10 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         }
         trace(0, 10);
     }
-    if (tid == 0) {  /* the destinations: the first slot of each rank */
-        int n = 0;
-        for (int j = 0; j < k; ++j) {
-            if (sr[j] < 0)
-                continue;
-            int first = 1;
-            for (int j2 = 0; j2 < j; ++j2)
-                first &= sr[j2] != sr[j];
-            if (first)
-                dsl[n++] = j;
-        }
-        nd = n;
-    }
-    __syncthreads();  /* sd complete (the warps' adds), dsl and nd written */
+    __syncthreads();  /* sp, sd complete (the warps' adds) */
     const int n = nd;
     for (int d = tid; d < n; d += B)
-        drow[d] = (u8*)peers[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+        drow[d] = (u8*)speer[dsl[d]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
     __syncthreads();
     trace(0, 4);
     for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
@@ -509,7 +541,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
             ((int*)row)[0] = t;
         ((int*)row)[1 + j] = on ? se[j] - r * epr : -1;
         ((int*)row)[1 + k + j] = on ? sp[j] : -1;
-        ((float*)(row + 4 + 8 * k))[j] = on ? w[(long long)t * k + j] : 0.0f;
+        ((float*)(row + 4 + 8 * k))[j] = on ? sw[j] : 0.0f;
     }
     for (int r = tid; r < ranks; r += B) {  /* kept for combine */
         int v = -1;
@@ -579,10 +611,11 @@ __device__ void dispatch_meta(int* hist, int* sid, const void* idx, int idx64, i
                 if (e < 0)
                     continue;
                 int first_e = 1, first_r = 1;
+                const int lo = e - e % epr;  /* this rank's experts: [lo, lo + epr) */
                 for (int j2 = 0; j2 < j; ++j2) {
                     const int e2 = ids[j2];
                     first_e &= e2 != e;
-                    first_r &= !(e2 >= 0 && e2 / epr == e / epr);
+                    first_r &= !(e2 >= lo && e2 < lo + epr);
                 }
                 if (first_e)
                     atomicAdd(&hist[e], 1);
@@ -698,7 +731,7 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
 }
 
 /* grid (T + 1 + R), blockDim.x a multiple of 32, k <= 64; dynamic shared
- * memory 4 * (E + ranks).  Tickets 0..T-1: a token each; ticket T: the
+ * memory 4 * (E + 1) + 8 * ranks.  Tickets 0..T-1: a token each; ticket T: the
  * counts; the R others: receivers. */
 extern "C" __global__ void moe_dispatch(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
@@ -714,7 +747,7 @@ extern "C" __global__ void moe_dispatch(
     trace(0, 0);
     if (role < (u32)T)
         dispatch_token((int)role, x, in_bf16, idx, idx64, w, H, mode, peers, me, ranks, k, epr, seq, drows_off,
-                       row_bytes, header_bytes, dtag_off, max_tokens, rowidx, sid);
+                       row_bytes, header_bytes, dtag_off, max_tokens, rowidx, sid, sh);
     else if (role == (u32)T)
         dispatch_meta(sh, sid, idx, idx64, T, peers, me, ranks, k, epr, seq, dflag_off, meta_off, meta_bytes);
     else
