@@ -352,28 +352,21 @@ __device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, con
     }
 }
 
-/* n uint4 from s to d by the 32 lanes of a warp, eight loads in flight per
- * lane (an FP8 row of 7168 channels: two rounds of loads, then the tail) */
+/* n uint4 from s to d by the 32 lanes of a warp, up to sixteen loads in
+ * flight per lane (an FP8 row of 7168 channels: one round) */
 __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
 {
-    long long v = lane;
-    for (; v + 224 < n; v += 256) {
-        uint4 a[8];
-        for (int i = 0; i < 8; ++i)
-            a[i] = s[v + 32 * i];
-        for (int i = 0; i < 8; ++i)
-            d[v + 32 * i] = a[i];
+    for (long long v = lane; v < n; v += 512) {
+        uint4 a[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            if (v + 32 * i < n)
+                a[i] = s[v + 32 * i];
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            if (v + 32 * i < n)
+                d[v + 32 * i] = a[i];
     }
-    if (v + 96 < n) {
-        uint4 a[4];
-        for (int i = 0; i < 4; ++i)
-            a[i] = s[v + 32 * i];
-        for (int i = 0; i < 4; ++i)
-            d[v + 32 * i] = a[i];
-        v += 128;
-    }
-    for (; v < n; v += 32)
-        d[v] = s[v];
 }
 
 /* blockDim.x a multiple of 32: the payload of token blockIdx.x, channel part
@@ -564,13 +557,29 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
             load_raw(xrow, in_bf16, c0, q0);
         if (v1)
             load_raw(xrow, in_bf16, c1, q1);
+#ifdef EXP_NO_CONVERT
+        o[0] = q0[0]; o[1] = q0[1];
+#else
         pack_raw(q0, in_bf16, mode, v0, o, &sc);
+#endif
+#ifdef EXP_NO_STORE
+        if (v0 && o[0].x == 0x7f7f7f7fu && o[0].y == 0x12345678u)
+#else
         if (v0)
+#endif
             for (int d = 0; d < n; ++d)
                 put8(drow[d] + header_bytes, mode, H, c0, o, sc);
         if (base + B < nch) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
+#ifdef EXP_NO_CONVERT
+            o[0] = q1[0]; o[1] = q1[1];
+#else
             pack_raw(q1, in_bf16, mode, v1, o, &sc);
+#endif
+#ifdef EXP_NO_STORE
+            if (v1 && o[0].x == 0x7f7f7f7fu && o[0].y == 0x12345678u)
+#else
             if (v1)
+#endif
                 for (int d = 0; d < n; ++d)
                     put8(drow[d] + header_bytes, mode, H, c1, o, sc);
         }
