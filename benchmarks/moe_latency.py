@@ -144,6 +144,11 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
 
         backend = CudaBackend(rank, options=(("-DMOE_TRACE",) if trace else ()) + tuple(f"-D{d}" for d in defines))
     moe = GpuExpertParallel(None, rank, cfg, device=rank, validate=False, timeout=30, backend=backend)
+    if rank == 0 and (trace or defines):
+        for name in ("moe_dispatch", "moe_combine"):
+            a = moe._b._k[name].attributes
+            print(f"{name}: {a['num_regs']} registers, {a['local_size_bytes']} B local, "
+                  f"{a['shared_size_bytes']} B static shared; resident {moe._b.resident(name, moe._threads)}", flush=True)
     stamps = cp.zeros(2, cp.uint64)
     if trace:
         tr_mem = backend.module.get_global("moe_trace")

@@ -314,10 +314,18 @@ __device__ __forceinline__ void pack_raw(const uint4* q, int in_bf16, int mode, 
             a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
         const float sc = a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f;
         u32 lo = 0, hi = 0;
+#ifdef EXP_FAST_DIV
+        const float inv = __fdiv_rn(1.0f, sc);
+        for (int i = 0; i < 4; ++i) {
+            lo |= (u32)f32_e4m3(__fmul_rn(v[i], inv)) << (8 * i);
+            hi |= (u32)f32_e4m3(__fmul_rn(v[4 + i], inv)) << (8 * i);
+        }
+#else
         for (int i = 0; i < 4; ++i) {
             lo |= (u32)f32_e4m3(__fdiv_rn(v[i], sc)) << (8 * i);
             hi |= (u32)f32_e4m3(__fdiv_rn(v[4 + i], sc)) << (8 * i);
         }
+#endif
         o[0].x = lo;
         o[0].y = hi;
         *scale = sc;
@@ -354,16 +362,19 @@ __device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, con
 
 /* n uint4 from s to d by the 32 lanes of a warp, up to sixteen loads in
  * flight per lane (an FP8 row of 7168 channels: one round) */
+#ifndef COPY_LOADS
+#define COPY_LOADS 16
+#endif
 __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
 {
-    for (long long v = lane; v < n; v += 512) {
-        uint4 a[16];
+    for (long long v = lane; v < n; v += 32 * COPY_LOADS) {
+        uint4 a[COPY_LOADS];
 #pragma unroll
-        for (int i = 0; i < 16; ++i)
+        for (int i = 0; i < COPY_LOADS; ++i)
             if (v + 32 * i < n)
                 a[i] = s[v + 32 * i];
 #pragma unroll
-        for (int i = 0; i < 16; ++i)
+        for (int i = 0; i < COPY_LOADS; ++i)
             if (v + 32 * i < n)
                 d[v + 32 * i] = a[i];
     }
