@@ -126,7 +126,14 @@ __device__ __forceinline__ u16 f32_bf16(float f)
 
 /* float -> E4M3 code: nearest value, ties to the even code, saturating at
  * +-448, NaN -> 0x7f with the sign (numerics.fp8_encode) */
-__device__ __forceinline__ u8 f32_e4m3(float x)
+#if defined(EXP_NOINLINE) && !defined(MOE_EMU)
+#define CONV_INLINE __noinline__
+#else
+#define CONV_INLINE __forceinline__
+#endif
+__device__ CONV_INLINE float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+
+__device__ CONV_INLINE u8 f32_e4m3(float x)
 {
     const u32 sign = (__float_as_uint(x) >> 31) ? 0x80u : 0u;
     if (x != x)
@@ -322,8 +329,8 @@ __device__ __forceinline__ void pack_raw(const uint4* q, int in_bf16, int mode, 
         }
 #else
         for (int i = 0; i < 4; ++i) {
-            lo |= (u32)f32_e4m3(__fdiv_rn(v[i], sc)) << (8 * i);
-            hi |= (u32)f32_e4m3(__fdiv_rn(v[4 + i], sc)) << (8 * i);
+            lo |= (u32)f32_e4m3(div_rn(v[i], sc)) << (8 * i);
+            hi |= (u32)f32_e4m3(div_rn(v[4 + i], sc)) << (8 * i);
         }
 #endif
         o[0].x = lo;
@@ -360,10 +367,11 @@ __device__ __forceinline__ void put8(u8* body, int mode, int H, long long c, con
     }
 }
 
-/* n uint4 from s to d by the 32 lanes of a warp, up to sixteen loads in
- * flight per lane (an FP8 row of 7168 channels: one round) */
+/* n uint4 from s to d by the 32 lanes of a warp, up to COPY_LOADS loads in
+ * flight per lane (8: 16 took the kernel to 139 registers, one block of 512
+ * threads per SM instead of three) */
 #ifndef COPY_LOADS
-#define COPY_LOADS 16
+#define COPY_LOADS 8
 #endif
 __device__ __forceinline__ void copy16(uint4* d, const uint4* s, long long n, int lane)
 {
@@ -560,6 +568,21 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
     const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
                                : (const void*)((const float*)x + (long long)t * H);
     const int nch = H / 8;
+#ifdef ONE_CHUNK
+    for (int base = 0; base < nch; base += B) {
+        const int c0 = base + tid, v0 = c0 < nch;
+        uint4 q0[2], o[2];
+        float sc = 1.0f;
+        if (v0)
+            load_raw(xrow, in_bf16, c0, q0);
+        pack_raw(q0, in_bf16, mode, v0, o, &sc);
+        if (v0)
+            for (int d = 0; d < n; ++d)
+                put8(drow[d] + header_bytes, mode, H, c0, o, sc);
+        trace(0, 6);
+    }
+    if (0)
+#endif
     for (int base = 0; base < nch; base += 2 * B) {  /* two chunks a thread, both loads in flight first */
         const int c0 = base + tid, c1 = c0 + B, v0 = c0 < nch, v1 = c1 < nch;
         uint4 q0[2], q1[2], o[2];
