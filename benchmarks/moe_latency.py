@@ -92,10 +92,10 @@ def _problem(ep: int, tokens: int, rank: int) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-          nccl: bool, conn, breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> None:
+          nccl: bool, conn, breakdown: bool = False, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> None:
     try:
         conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown, trace,
-                                    defines)))
+                                    defines, sets)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -103,7 +103,8 @@ def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int],
 
 
 def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-               nccl: bool, breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> dict:
+               nccl: bool, breakdown: bool = False, trace: bool = False, defines: tuple = (),
+               sets: tuple = ()) -> dict:
     import cupy as cp
 
     from aiofabric.moe import MoEConfig
@@ -144,6 +145,11 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
 
         backend = CudaBackend(rank, options=(("-DMOE_TRACE",) if trace else ()) + tuple(f"-D{d}" for d in defines))
     moe = GpuExpertParallel(None, rank, cfg, device=rank, validate=False, timeout=30, backend=backend)
+    for item in sets:  # launch-shape experiments: --set _recv_d=32
+        name, value = item.split("=", 1)
+        if not hasattr(moe, name):
+            raise ValueError(f"--set: GpuExpertParallel has no attribute {name}")
+        setattr(moe, name, type(getattr(moe, name))(value))
     if rank == 0 and (trace or defines):
         for name in ("moe_dispatch", "moe_combine"):
             a = moe._b._k[name].attributes
@@ -314,7 +320,7 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
 
 
 def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float,
-           breakdown: bool = False, trace: bool = False, defines: tuple = ()) -> dict:
+           breakdown: bool = False, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -329,7 +335,7 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
     for r in range(ep):
         here, there = ctx.Pipe()
         p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown, trace,
-                                tuple(defines)),
+                                tuple(defines), tuple(sets)),
                         daemon=True)
         p.start()
         procs.append(p)
@@ -396,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile the kernels with timing probes and print when each role reached each point")
     ap.add_argument("--define", action="append", default=[], metavar="NAME[=VALUE]",
                     help="compile the kernels with -DNAME[=VALUE] (kernel experiments)")
+    ap.add_argument("--set", action="append", default=[], metavar="ATTR=VALUE",
+                    help="override a launch shape of GpuExpertParallel, e.g. _recv_d=32 (kernel experiments)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -416,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "moe_latency", "card": card, "gpus": n, "commit": _commit(), "host": platform.node(),
            "shape": {"hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "dispatch": "fp8 e4m3 + f32 scale/128",
                      "combine": "bf16"},
-           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "defines": args.define,
+           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "defines": args.define, "sets": args.set,
            "rows": []}
     if not eps:
         print(f"needs 2 or more GPUs for EP{args.ep}, found {n}")
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     for ep in eps:
         try:
             res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown, args.trace,
-                         tuple(args.define))
+                         tuple(args.define), tuple(args.set))
         except (RuntimeError, TimeoutError) as e:
             print(f"EP{ep} failed: {e}")
             failed.append({"ep": ep, "error": str(e)})
