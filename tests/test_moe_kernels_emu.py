@@ -34,7 +34,7 @@ def _code(ctype: str) -> str:
 
 async def test_launch_signatures_match_the_kernels():
     for name in NAMES:
-        m = re.search(r"void\s+" + name + r"\s*\((.*?)\)\s*\{", SOURCE, re.S)
+        m = re.search(r"void\s+(?:[A-Z_]+\s+)?" + name + r"\s*\((.*?)\)\s*\{", SOURCE, re.S)
         assert m, name
         params = [p.strip() for p in m.group(1).split(",")]
         codes = "".join(_code(re.sub(r"\s*\b\w+$", "", p)) for p in params)

@@ -776,7 +776,17 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
 /* grid (T + 1 + R), blockDim.x a multiple of 32, k <= 64; dynamic shared
  * memory 4 * (E + 1) + 8 * ranks.  Tickets 0..T-1: a token each; ticket T: the
  * counts; the R others: receivers. */
-extern "C" __global__ void moe_dispatch(
+#if defined(DISPATCH_MIN_BLOCKS) && !defined(MOE_EMU)
+#define DISPATCH_BOUNDS __launch_bounds__(256, DISPATCH_MIN_BLOCKS)
+#else
+#define DISPATCH_BOUNDS
+#endif
+#if defined(COMBINE_MIN_BLOCKS) && !defined(MOE_EMU)
+#define COMBINE_BOUNDS __launch_bounds__(256, COMBINE_MIN_BLOCKS)
+#else
+#define COMBINE_BOUNDS
+#endif
+extern "C" __global__ void DISPATCH_BOUNDS moe_dispatch(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
     const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
     long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
@@ -960,7 +970,7 @@ __device__ void combine_gather(int q, int Q, const u8* inbox, const int* rowidx,
 
 /* grid (S + R), blockDim.x a multiple of 32, k <= 64.  Tickets 0..S-1:
  * senders; the R others: receivers. */
-extern "C" __global__ void moe_combine(
+extern "C" __global__ void COMBINE_BOUNDS moe_combine(
     const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
     const int* offs, const int* nrecv, long long drows_off, long long row_bytes, long long crows_off,
     long long ctag_off, int max_tokens, int out_bf16, const int* rowidx, int T, void* out, u64 timeout_ns, int* err,
