@@ -20,25 +20,29 @@ split sizes known in advance; it gets no routing, packing, count exchange or
 reduction, so it is a lower bound for an NCCL-based MoE layer.
 
     python -m benchmarks.moe_latency [--iters 1000] [--warmup 50] [--ep 2 4] [--tokens 1 32 128]
-                                     [--no-nccl] [--breakdown] [--json out.json]
-
-``--breakdown`` also records a CUDA event between the send and receive
-kernels of each phase and prints, per stage, the p50/p99 of the slowest rank:
-``dispatch_send`` (routing, quantisation, stores into the peers, flags),
-``dispatch_recv`` (waiting for the peers' flags, then expanding the rows per
-expert), ``combine_send`` (weighted partial sums stored into the sources),
-``combine_recv`` (waiting, then the sum over ranks).  The phase totals are
-measured the same way with or without it.
+                                     [--no-nccl] [--trace] [--json out.json]
 
 What an interval contains: ``dispatch`` runs from an event recorded on the
 group's stream right after the gate kernel has finished to an event after
-``moe_dispatch_recv``: the two kernels' launches and runs, including the wait
-for the slowest peer's flag (so the skew with which the peers left their gates,
-about a host-memory poll, lands in the receive kernels), nothing queued by the
-host in between (the calls enqueue no events or cross-stream waits: the loop
-runs with ``ep.stream`` current).  ``combine`` likewise, after a second gate.
-The send stages of ``--breakdown`` are per rank and contain no skew; each
-extra event between two kernels adds a little to the phase it splits.
+``dispatch_recv``: the fused kernel's launch and run, including the wait for
+the slowest peer (so the skew with which the peers left their gates, about a
+host-memory poll, lands in it), nothing queued by the host in between (the
+calls enqueue no events or cross-stream waits: the loop runs with
+``ep.stream`` current).  ``combine`` likewise, after a second gate.  On H200
+the event after the gate alone delays the next kernel's first block by about
+3 us (``benchmarks/nvlink_probe.py``: 4.6 us from a kernel's end to the next
+one's start with an event between, 1.6 us without); NCCL's intervals are
+measured the same way and carry the same cost.
+
+``--trace`` compiles the kernels with timing probes (``MOE_TRACE``): every
+block of the fused kernels stores ``%globaltimer`` at fixed points, and the
+table gives, per phase, when the first and last blocks started, when the
+senders had stored and tagged their rows and when the receivers had seen
+their first rows and ended, in us after the GPU left its gate (p50 of the
+slowest rank).  ``--define NAME=VALUE`` and ``--set ATTR=VALUE`` compile
+the kernels with a macro (``PAUSE_NS``, ``COPY_LOADS``) or override a launch
+shape of ``GpuExpertParallel`` (``_recv_d``, ``_send_c``, ``_recv_c``) for
+experiments.
 """
 from __future__ import annotations
 
@@ -92,10 +96,10 @@ def _problem(ep: int, tokens: int, rank: int) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-          nccl: bool, conn, breakdown: bool = False, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> None:
+          nccl: bool, conn, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> None:
     try:
-        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, breakdown, trace,
-                                    defines, sets)))
+        conn.send(("ok", _rank_main(rank, ep, flag_path, port, tokens_list, iters, warmup, nccl, trace, defines,
+                                    sets)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -103,8 +107,7 @@ def _rank(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int],
 
 
 def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[int], iters: int, warmup: int,
-               nccl: bool, breakdown: bool = False, trace: bool = False, defines: tuple = (),
-               sets: tuple = ()) -> dict:
+               nccl: bool, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> dict:
     import cupy as cp
 
     from aiofabric.moe import MoEConfig
@@ -176,7 +179,7 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     moe.connect(infos)
     stream = moe._b.stream
     y = cp.zeros((cfg.experts_per_rank, cfg.capacity, HIDDEN), cp.uint16)
-    ev = [cp.cuda.Event() for _ in range(6)]  # 4, 5: between the send and receive kernels (--breakdown)
+    ev = [cp.cuda.Event() for _ in range(4)]
     step = int(flags[8 + rank])  # phases continue across configs
     out: dict = {}
     for tokens in tokens_list:
@@ -184,7 +187,6 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
         x, idx, w = cp.asarray(x_h), cp.asarray(idx_h[rank]), cp.asarray(w_h)
         cp.cuda.Device(rank).synchronize()  # inputs (and y) made on the null stream are ready
         ours_d, ours_c = [], []
-        stages: dict = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
         traces: dict = {}
         stream.use()  # the caller runs on the group's stream: no cross-stream event waits in the calls
         for it in range(warmup + iters):
@@ -194,15 +196,11 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
             gate((1,), (1,), (np.uint64(fptr), np.uint64(step - 1), stamps[0:1]), stream=stream)
             ev[0].record(stream)
             moe.dispatch_send(x, idx, w)
-            if breakdown:
-                ev[4].record(stream)
             moe.dispatch_recv()
             ev[1].record(stream)
             gate((1,), (1,), (np.uint64(fptr), np.uint64(step), stamps[1:2]), stream=stream)
             ev[2].record(stream)
             moe.combine_send(y)
-            if breakdown:
-                ev[5].record(stream)
             moe.combine_recv()
             ev[3].record(stream)
             sync_point(step - 1)
@@ -212,18 +210,12 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
             if it >= warmup:
                 ours_d.append(cp.cuda.get_elapsed_time(ev[0], ev[1]) * 1e3)
                 ours_c.append(cp.cuda.get_elapsed_time(ev[2], ev[3]) * 1e3)
-                if breakdown:
-                    for key, a, b in (("dispatch_send", 0, 4), ("dispatch_recv", 4, 1), ("combine_send", 2, 5),
-                                      ("combine_recv", 5, 3)):
-                        stages[key].append(cp.cuda.get_elapsed_time(ev[a], ev[b]) * 1e3)
                 if trace:
                     for key, v in _trace_points(tr.get(), stamps.get(), tokens, moe._send_c).items():
                         traces.setdefault(key, []).append(v)
         cp.cuda.Stream.null.use()
         moe.synchronize()
         res = {"aiofabric_dispatch_us": ours_d, "aiofabric_combine_us": ours_c}
-        if breakdown:
-            res.update({f"stage_{k}_us": v for k, v in stages.items()})
         res.update({f"trace_{k}_us": v for k, v in traces.items()})
         if nccl:
             try:
@@ -241,6 +233,12 @@ def _rank_main(rank: int, ep: int, flag_path: str, port: int, tokens_list: list[
     return out
 
 
+#: the kernels' extra probe points (kernels.py, trace(kernel, point)), by phase
+POINTS = {"dispatch": {7: "own_slots", 8: "staged", 9: "looked_up", 10: "counted", 4: "routed", 5: "headers",
+                       6: "payload"},
+          "combine": {4: "started_rows", 5: "first_row"}}
+
+
 def _trace_points(tr: np.ndarray, stamps: np.ndarray, tokens: int, senders_c: int) -> dict:
     """The fused kernels' probes of one iteration, us after this GPU left the
     gate: when blocks started, when the senders had stored and then tagged,
@@ -256,7 +254,7 @@ def _trace_points(tr: np.ndarray, stamps: np.ndarray, tokens: int, senders_c: in
         if len(snd):
             out[f"{name}_senders_stored"] = float(snd[:, 1].max())
             out[f"{name}_senders_tagged"] = float(snd[:, 2].max())
-            for p, label in ((4, "p4"), (5, "p5"), (6, "p6"), (7, "p7"), (8, "p8"), (9, "p9"), (10, "p10")):
+            for p, label in POINTS[name].items():
                 got = t[:ns][live[:ns], p] != 0
                 if got.any():
                     out[f"{name}_senders_{label}"] = float(snd[got, p].max())
@@ -320,7 +318,7 @@ def _nccl(rank, ep, cfg, idx_h, gate, fptr, sync_point, step, iters, warmup) -> 
 
 
 def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool, limit_s: float,
-           breakdown: bool = False, trace: bool = False, defines: tuple = (), sets: tuple = ()) -> dict:
+           trace: bool = False, defines: tuple = (), sets: tuple = ()) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -334,7 +332,7 @@ def run_ep(ep: int, tokens_list: list[int], iters: int, warmup: int, nccl: bool,
     procs, conns = [], []
     for r in range(ep):
         here, there = ctx.Pipe()
-        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, breakdown, trace,
+        p = ctx.Process(target=_rank, args=(r, ep, flag_path, port, tokens_list, iters, warmup, nccl, there, trace,
                                 tuple(defines), tuple(sets)),
                         daemon=True)
         p.start()
@@ -396,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--no-nccl", action="store_true", help="skip the torch.distributed baseline")
     ap.add_argument("--limit", type=float, default=300, help="seconds allowed per EP size")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also time each kernel (send, receive) of each phase with CUDA events")
     ap.add_argument("--trace", action="store_true",
                     help="compile the kernels with timing probes and print when each role reached each point")
     ap.add_argument("--define", action="append", default=[], metavar="NAME[=VALUE]",
@@ -424,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "moe_latency", "card": card, "gpus": n, "commit": _commit(), "host": platform.node(),
            "shape": {"hidden": HIDDEN, "experts": EXPERTS, "topk": TOPK, "dispatch": "fp8 e4m3 + f32 scale/128",
                      "combine": "bf16"},
-           "iters": args.iters, "warmup": args.warmup, "breakdown": args.breakdown, "defines": args.define, "sets": args.set,
+           "iters": args.iters, "warmup": args.warmup, "trace": args.trace, "defines": args.define, "sets": args.set,
            "rows": []}
     if not eps:
         print(f"needs 2 or more GPUs for EP{args.ep}, found {n}")
@@ -432,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for ep in eps:
         try:
-            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.breakdown, args.trace,
+            res = run_ep(ep, args.tokens, args.iters, args.warmup, nccl, args.limit, args.trace,
                          tuple(args.define), tuple(args.set))
         except (RuntimeError, TimeoutError) as e:
             print(f"EP{ep} failed: {e}")
@@ -468,18 +464,11 @@ def print_table(out: dict) -> None:
     if points:
         print("probes (--trace): p50 us after the GPU left its gate, slowest rank per iteration")
         for row in out["rows"]:
-            print(f"EP{row['ep']} {row['tokens']} tokens: " +
-                  ", ".join(f"{k[6:-3]} {row[k]['p50']:.1f}" for k in points if k in row))
-    stages = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
-    if any(f"stage_{k}_us" in row for row in out["rows"] for k in stages):
-        print("per kernel (slowest rank per iteration, p50 / p99 us; *_recv includes waiting for the peers)")
-        print(f"{'EP':>3} {'tokens':>6} | " + " | ".join(f"{k:>17}" for k in stages))
-        for row in out["rows"]:
-            cells = []
-            for k in stages:
-                v = row.get(f"stage_{k}_us")
-                cells.append(f"{v['p50']:8.1f} {v['p99']:8.1f}" if v else f"{'-':>17}")
-            print(f"{row['ep']:>3} {row['tokens']:>6} | " + " | ".join(cells))
+            for phase in ("dispatch", "combine"):
+                cells = [(k[7 + len(phase):-3], row[k]["p50"]) for k in points
+                         if k in row and k.startswith(f"trace_{phase}_")]
+                print(f"EP{row['ep']} {row['tokens']:>4} tokens {phase:>8}: " +
+                      ", ".join(f"{name} {v:.1f}" for name, v in sorted(cells, key=lambda c: c[1])))
 
 
 if __name__ == "__main__":

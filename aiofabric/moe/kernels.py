@@ -126,14 +126,7 @@ __device__ __forceinline__ u16 f32_bf16(float f)
 
 /* float -> E4M3 code: nearest value, ties to the even code, saturating at
  * +-448, NaN -> 0x7f with the sign (numerics.fp8_encode) */
-#if defined(EXP_NOINLINE) && !defined(MOE_EMU)
-#define CONV_INLINE __noinline__
-#else
-#define CONV_INLINE __forceinline__
-#endif
-__device__ CONV_INLINE float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-
-__device__ CONV_INLINE u8 f32_e4m3(float x)
+__device__ __forceinline__ u8 f32_e4m3(float x)
 {
     const u32 sign = (__float_as_uint(x) >> 31) ? 0x80u : 0u;
     if (x != x)
@@ -321,18 +314,10 @@ __device__ __forceinline__ void pack_raw(const uint4* q, int in_bf16, int mode, 
             a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
         const float sc = a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f;
         u32 lo = 0, hi = 0;
-#ifdef EXP_FAST_DIV
-        const float inv = __fdiv_rn(1.0f, sc);
         for (int i = 0; i < 4; ++i) {
-            lo |= (u32)f32_e4m3(__fmul_rn(v[i], inv)) << (8 * i);
-            hi |= (u32)f32_e4m3(__fmul_rn(v[4 + i], inv)) << (8 * i);
+            lo |= (u32)f32_e4m3(__fdiv_rn(v[i], sc)) << (8 * i);
+            hi |= (u32)f32_e4m3(__fdiv_rn(v[4 + i], sc)) << (8 * i);
         }
-#else
-        for (int i = 0; i < 4; ++i) {
-            lo |= (u32)f32_e4m3(div_rn(v[i], sc)) << (8 * i);
-            hi |= (u32)f32_e4m3(div_rn(v[4 + i], sc)) << (8 * i);
-        }
-#endif
         o[0].x = lo;
         o[0].y = hi;
         *scale = sc;
@@ -568,21 +553,6 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
     const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
                                : (const void*)((const float*)x + (long long)t * H);
     const int nch = H / 8;
-#ifdef ONE_CHUNK
-    for (int base = 0; base < nch; base += B) {
-        const int c0 = base + tid, v0 = c0 < nch;
-        uint4 q0[2], o[2];
-        float sc = 1.0f;
-        if (v0)
-            load_raw(xrow, in_bf16, c0, q0);
-        pack_raw(q0, in_bf16, mode, v0, o, &sc);
-        if (v0)
-            for (int d = 0; d < n; ++d)
-                put8(drow[d] + header_bytes, mode, H, c0, o, sc);
-        trace(0, 6);
-    }
-    if (0)
-#endif
     for (int base = 0; base < nch; base += 2 * B) {  /* two chunks a thread, both loads in flight first */
         const int c0 = base + tid, c1 = c0 + B, v0 = c0 < nch, v1 = c1 < nch;
         uint4 q0[2], q1[2], o[2];
@@ -591,29 +561,13 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
             load_raw(xrow, in_bf16, c0, q0);
         if (v1)
             load_raw(xrow, in_bf16, c1, q1);
-#ifdef EXP_NO_CONVERT
-        o[0] = q0[0]; o[1] = q0[1];
-#else
         pack_raw(q0, in_bf16, mode, v0, o, &sc);
-#endif
-#ifdef EXP_NO_STORE
-        if (v0 && o[0].x == 0x7f7f7f7fu && o[0].y == 0x12345678u)
-#else
         if (v0)
-#endif
             for (int d = 0; d < n; ++d)
                 put8(drow[d] + header_bytes, mode, H, c0, o, sc);
         if (base + B < nch) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
-#ifdef EXP_NO_CONVERT
-            o[0] = q1[0]; o[1] = q1[1];
-#else
             pack_raw(q1, in_bf16, mode, v1, o, &sc);
-#endif
-#ifdef EXP_NO_STORE
-            if (v1 && o[0].x == 0x7f7f7f7fu && o[0].y == 0x12345678u)
-#else
             if (v1)
-#endif
                 for (int d = 0; d < n; ++d)
                     put8(drow[d] + header_bytes, mode, H, c1, o, sc);
         }
@@ -776,17 +730,7 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
 /* grid (T + 1 + R), blockDim.x a multiple of 32, k <= 64; dynamic shared
  * memory 4 * (E + 1) + 8 * ranks.  Tickets 0..T-1: a token each; ticket T: the
  * counts; the R others: receivers. */
-#if defined(DISPATCH_MIN_BLOCKS) && !defined(MOE_EMU)
-#define DISPATCH_BOUNDS __launch_bounds__(256, DISPATCH_MIN_BLOCKS)
-#else
-#define DISPATCH_BOUNDS
-#endif
-#if defined(COMBINE_MIN_BLOCKS) && !defined(MOE_EMU)
-#define COMBINE_BOUNDS __launch_bounds__(256, COMBINE_MIN_BLOCKS)
-#else
-#define COMBINE_BOUNDS
-#endif
-extern "C" __global__ void DISPATCH_BOUNDS moe_dispatch(
+extern "C" __global__ void moe_dispatch(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
     const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
     long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
@@ -970,7 +914,7 @@ __device__ void combine_gather(int q, int Q, const u8* inbox, const int* rowidx,
 
 /* grid (S + R), blockDim.x a multiple of 32, k <= 64.  Tickets 0..S-1:
  * senders; the R others: receivers. */
-extern "C" __global__ void COMBINE_BOUNDS moe_combine(
+extern "C" __global__ void moe_combine(
     const void* y, int y_bf16, long long cap, int H, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
     const int* offs, const int* nrecv, long long drows_off, long long row_bytes, long long crows_off,
     long long ctag_off, int max_tokens, int out_bf16, const int* rowidx, int T, void* out, u64 timeout_ns, int* err,
