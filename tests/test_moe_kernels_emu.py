@@ -215,11 +215,12 @@ async def test_dispatch_send_routes_like_layout_route(T, ranks, epr, k, idx_dtyp
         assert meta["seq"] == 1 and meta["rows"] == want.rows[r]
         assert np.array_equal(meta["count"], want.counts[r])
         flag = int(inbox[:8 * ranks].view(np.uint64)[1])
-        assert flag == (1 << 32 | int(want.rows[r]))
+        parts = 1 + (flag >> 28 & 7)
+        assert flag & ~(7 << 28) == (1 << 32 | int(want.rows[r]))
         rows = inbox[cfg.drows_offset:cfg.crows_offset].reshape(ranks, cfg.max_tokens, cfg.row_bytes)[1]
-        tags = inbox[cfg.dtag_offset:cfg.ctag_offset].view(np.uint64).reshape(ranks, cfg.max_tokens)[1]
-        assert np.array_equal(tags[:want.rows[r]], np.ones(want.rows[r], np.uint64))  # every row sent is tagged
-        assert not tags[want.rows[r]:].any()
+        tags = inbox[cfg.dtag_offset:cfg.ctag_offset].view(np.uint64).reshape(ranks, cfg.max_tokens, -1)[1]
+        assert np.array_equal(tags[:want.rows[r], :parts], np.ones((want.rows[r], parts), np.uint64))  # every part
+        assert not tags[want.rows[r]:].any() and not tags[:, parts:].any()
         for t in range(T):
             i = want.rowidx[t, r]
             if i < 0:
@@ -250,6 +251,29 @@ async def test_gpu_kernels_many_tokens_and_blocks():
             assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
     # one kernel per phase, nothing else queued
     assert eps[0]._b.launches == ["moe_dispatch", "moe_combine"] * 2
+
+
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+@pytest.mark.parametrize("max_parts", [2, 3, 8])
+async def test_dispatch_splits_a_token_over_parts(mode, max_parts):
+    """A token's payload split over several sending blocks (whole FP8
+    groups each, every part tagged, the receivers waiting for all of them)
+    equals the reference; the meta flag tells receivers the split."""
+    cfg = MoEConfig(6, 2, 2048, 3, 4, mode=mode, combine_dtype="bf16")
+    eps = group(cfg)
+    for ep in eps:
+        ep._room_d, ep._max_parts = 10_000, max_parts  # room for every part
+    for seed in (31, 32):
+        ds, outs = run_round(eps, seed)
+        for r in range(cfg.ranks):
+            assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+    flags = eps[0].inbox[:8 * cfg.ranks].view(np.uint64)
+    assert {1 + (int(f) >> 28 & 7) for f in flags} == {max_parts}
+
+
+async def test_gpu_path_refuses_tables_beyond_shared_memory():
+    with pytest.raises(ValueError, match="48 KiB"):
+        GpuExpertParallel(None, 0, MoEConfig(12288, 2, 128, 2, 4), backend=object())
 
 
 async def test_fused_kernels_any_split_of_senders_and_receivers():

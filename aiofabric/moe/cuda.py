@@ -18,7 +18,7 @@ __all__ = ["SIGNATURES", "THREADS", "CudaBackend", "kernel_args"]
 #: kernel parameter types: p pointer, i int32, q int64, u uint32, Q uint64
 SIGNATURES = {
     "moe_pack": "piiiipq",
-    "moe_dispatch": "pipipiiipiiiiuqqqqqqqipqqppppppqQppu",
+    "moe_dispatch": "pipipiiipiiiiuqqqqqqqipqqppppppqQppui",
     "moe_combine": "piqipiiiiuppqqqqiipipQppui",
 }
 _NP = {"p": np.uint64, "i": np.int32, "q": np.int64, "u": np.uint32, "Q": np.uint64}

@@ -72,6 +72,8 @@ class GpuExpertParallel:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if config.topk > 64:
             raise ValueError("topk must be <= 64 on the GPU path")
+        if config.max_tokens >= 1 << 28:
+            raise ValueError("max_tokens must be < 2**28 on the GPU path (the meta flag's row count)")
         self.engine = engine
         self.rank = rank
         self.config = c = config
@@ -79,8 +81,8 @@ class GpuExpertParallel:
         self.validate = bool(validate)
         if isinstance(threads, bool) or not isinstance(threads, int) or not (32 <= threads <= 1024 and threads % 32 == 0):
             raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
-        if 4 * (config.num_experts + 1) + 8 * config.ranks > 48 * 1024:
-            raise ValueError("4 * num_experts + 8 * ranks must be <= 48 KiB on the GPU path (shared-memory tables)")
+        if 4 * (config.num_experts + 1) + 16 * config.ranks > 48 * 1024:
+            raise ValueError("4 * num_experts + 16 * ranks must be <= 48 KiB on the GPU path (shared-memory tables)")
         self._threads = threads
         b = self._b = backend if backend is not None else CudaBackend(rank if device is None else device)
         u8, i32 = np.uint8, np.int32
@@ -92,7 +94,7 @@ class GpuExpertParallel:
         self._err = b.zeros(1, i32)
         # launch shapes (docs/moe.md): every block of a phase resident at once where it fits;
         # receivers after the senders, as many as the work can use
-        self._shared_d = 4 * (c.num_experts + 1) + 8 * ranks  # moe_dispatch's roles' tables
+        self._shared_d = 4 * (c.num_experts + 1) + 16 * ranks  # moe_dispatch's roles' tables
         room_d = b.resident("moe_dispatch", threads, self._shared_d)
         room_c = b.resident("moe_combine", threads, 0)
         warps, parts = threads // 32, -(-(c.hidden // 8) // threads)
@@ -101,6 +103,11 @@ class GpuExpertParallel:
         # combine: senders fill the device; the receivers (a unit each) start as senders retire
         self._send_c = max(1, min(room_c, ranks * mt))
         self._recv_c = max(1, min(mt * parts, 4096))
+        # dispatch: a token's payload is split over up to this many blocks while
+        # the senders leave the receivers room (one block per token at 128 tokens
+        # on an H200; eight for a single token)
+        self._room_d = room_d
+        self._max_parts = layout.MAX_PARTS
         self._offs = b.zeros(ranks * epr, i32)  # [source, expert]: where its tokens start (this round)
         self._nrecv = b.zeros(ranks, i32)       # rows received from each source (this round)
         self._peers = b.zeros(ranks, np.uint64)
@@ -228,7 +235,9 @@ class GpuExpertParallel:
         b.begin()
         p = b.ptr
         # one kernel: routing, packing, stores into the peers' inboxes, metas, tags, and the receivers
-        grid = t + 1 + self._recv_d
+        parts = max(1, min(self._max_parts, (self._room_d - self._recv_d - 1) // max(t, 1)))
+        senders = t * parts + 1
+        grid = senders + self._recv_d
         b.launch("moe_dispatch", (grid,), self._threads,
                  (p(x), x.dtype == np.uint16, p(topk_idx), topk_idx.dtype == np.int64, p(topk_weights), t, c.hidden,
                   MODE[c.mode], p(self._peers), self.rank, c.ranks, c.topk, c.experts_per_rank, seq,
@@ -236,8 +245,8 @@ class GpuExpertParallel:
                   c.dtag_offset, c.max_tokens, p(self._rowidx), c.payload_bytes, c.scale_bytes, p(self.x),
                   p(self.scales if self.scales is not None else self._sdummy), p(self.src), p(self.counts),
                   p(self._offs), p(self._nrecv), c.capacity, int(self.timeout * 1e9), p(self._err),
-                  p(self._tickets), self._taken[0]),
-                 shared=self._shared_d, wait_from=t + 1)
+                  p(self._tickets), self._taken[0], parts),
+                 shared=self._shared_d, wait_from=senders)
         self._taken[0] = (self._taken[0] + grid) & 0xFFFFFFFF
         self._keep = (x, topk_idx, topk_weights)  # alive until the kernel has read them
         self._state = "dispatching"

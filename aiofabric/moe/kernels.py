@@ -396,6 +396,7 @@ extern "C" __global__ void moe_pack(const void* x, int in_bf16, int T, int H, in
 }
 
 #define SID_WORDS 2048
+#define MAX_PARTS 8  /* layout.MAX_PARTS: blocks a token's payload is split over */
 #define MAX_RANKS_GPU 1024  /* layout.MAX_RANKS */
 
 /* sid[i * ks + j] = expert id of slot j of token base + i (i < nt), -1 masked */
@@ -426,28 +427,34 @@ __device__ __forceinline__ u32 take_ticket(u32* tickets, u32 base)
  * rank (a prefix computed in the block, no atomics on the order); the row
  * headers and the payload (quantised here) stored straight into the row of
  * every destination's inbox; then one system fence and the rows' tags */
-__device__ void dispatch_token(int t, const void* x, int in_bf16, const void* idx, int idx64, const float* w, int H,
+__device__ void dispatch_token(int t, int part, int parts, const void* x, int in_bf16, const void* idx, int idx64,
+                               const float* w, int H,
                                int mode, const u64* peers, int me, int ranks, int k, int epr, u32 seq,
                                long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
                                int max_tokens, int* rowidx, int* sid, int* sh)
 {
-    __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64];
+    __shared__ int se[64], sr[64], sp[64], sd[64], dsl[64], sfirst[64];
     __shared__ u64 smask[64];  /* slot j: the slots holding the same expert (an expert named twice) */
     __shared__ float sw[64];
-    __shared__ u64 speer[64];  /* slot j: its rank's inbox */
     __shared__ int nd;
     __shared__ u8* drow[64];   /* the row at each destination (nd of them) */
     const int E = ranks * epr, tid = threadIdx.x, B = blockDim.x, lane = tid & 31;
     int* slot_of = sh;                            /* [E]: the first slot of this token naming expert e, or -1 */
     u64* rmask = (u64*)(sh + E + (E & 1));        /* [ranks]: the slots of this token on rank r */
+    u64* spr = rmask + ranks;                     /* [ranks]: every rank's inbox */
     /* the routing is read in chunks, staged in shared memory by coalesced
      * loads all in flight at once; an odd row stride avoids bank conflicts
      * when a thread per token reads its row */
     const int ks = k | 1, CH = B < SID_WORDS / ks ? B : SID_WORDS / ks;
+    /* one round of global loads: this token's slots and weights, the peers'
+     * inboxes and the first chunk of the earlier tokens' routing (each
+     * dependent round trip costs about a microsecond) */
     for (int e = tid; e < E; e += B)
         slot_of[e] = -1;
-    for (int r = tid; r < ranks; r += B)
+    for (int r = tid; r < ranks; r += B) {
         rmask[r] = 0;
+        spr[r] = peers[r];
+    }
     for (int j = tid; j < k; j += B) {
         const int e = expert_at(idx, idx64, (long long)t * k + j, E);
         se[j] = e;
@@ -456,6 +463,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         sp[j] = 0;
         sd[j] = 0;
     }
+    stage_ids(sid, idx, idx64, 0, t < CH ? t : CH, k, ks, E);
     __syncthreads();
     for (int j = tid; j < k; j += B) {  /* a thread per slot: its expert's and its rank's slot sets */
         const int e = se[j], r = sr[j];
@@ -474,17 +482,16 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         smask[j] = em;
         if (e >= 0 && first_e)
             slot_of[e] = j;
-        if (r >= 0 && first_r) {
+        if (r >= 0 && first_r)
             rmask[r] = rm;
-            speer[j] = peers[r];
-        }
-        sp[j] = first_r;  /* borrowed until the destinations are listed below */
+        sfirst[j] = r >= 0 && first_r;
     }
     __syncthreads();
+    trace(0, 7);
     if (tid < 32) {  /* the destinations: the first slot of each rank, in slot order */
         int n = 0;
         for (int j0 = 0; j0 < k; j0 += 32) {
-            const int j = j0 + lane, f = j < k && sr[j] >= 0 && sp[j];
+            const int j = j0 + lane, f = j < k && sfirst[j];
             const u32 b = __ballot_sync(0xffffffffu, f);
             if (f)
                 dsl[n + __popc(b & ((1u << lane) - 1u))] = j;
@@ -493,15 +500,13 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         if (lane == 0)
             nd = n;
     }
-    __syncthreads();
-    for (int j = tid; j < k; j += B)
-        sp[j] = 0;
-    trace(0, 7);
     for (int base = 0; base < t; base += CH) {  /* a thread per earlier token, counts added up per warp */
         const int nt = t - base < CH ? t - base : CH;
-        __syncthreads();
-        stage_ids(sid, idx, idx64, base, nt, k, ks, E);
-        __syncthreads();
+        if (base > 0) {  /* block-uniform; the first chunk was staged above */
+            __syncthreads();
+            stage_ids(sid, idx, idx64, base, nt, k, ks, E);
+            __syncthreads();
+        }
         trace(0, 8);
         u64 pm = 0, dm = 0;  /* the slots of token t whose expert / rank this earlier token names too */
         for (int j2 = 0; tid < nt && j2 < k; ++j2) {
@@ -524,13 +529,13 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         }
         trace(0, 10);
     }
-    __syncthreads();  /* sp, sd complete (the warps' adds) */
+    __syncthreads();  /* sp, sd complete (the warps' adds); dsl, nd written */
     const int n = nd;
     for (int d = tid; d < n; d += B)
-        drow[d] = (u8*)speer[dsl[d]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
+        drow[d] = (u8*)spr[sr[dsl[d]]] + drows_off + ((long long)me * max_tokens + sd[dsl[d]]) * row_bytes;
     __syncthreads();
     trace(0, 4);
-    for (int q = tid; q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
+    for (int q = tid; part == 0 && q < n * k; q += B) {  /* headers: a thread per (destination, slot) */
         const int d = q / k, j = q - d * k, r = sr[dsl[d]];
         u8* row = drow[d];
         const int on = sr[j] == r;
@@ -540,7 +545,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         ((int*)row)[1 + k + j] = on ? sp[j] : -1;
         ((float*)(row + 4 + 8 * k))[j] = on ? sw[j] : 0.0f;
     }
-    for (int r = tid; r < ranks; r += B) {  /* kept for combine */
+    for (int r = tid; part == 0 && r < ranks; r += B) {  /* kept for combine */
         int v = -1;
         for (int d = 0; d < n; ++d)
             if (sr[dsl[d]] == r)
@@ -552,9 +557,11 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         return;
     const void* xrow = in_bf16 ? (const void*)((const u16*)x + (long long)t * H)
                                : (const void*)((const float*)x + (long long)t * H);
-    const int nch = H / 8;
-    for (int base = 0; base < nch; base += 2 * B) {  /* two chunks a thread, both loads in flight first */
-        const int c0 = base + tid, c1 = c0 + B, v0 = c0 < nch, v1 = c1 < nch;
+    /* this part's chunks of 8 channels: a multiple of 16 (an FP8 group) each */
+    const int nch = H / 8, per = ((nch + parts - 1) / parts + 15) / 16 * 16;
+    const int first = part * per, end = first + per < nch ? first + per : nch;
+    for (int base = first; base < end; base += 2 * B) {  /* two chunks a thread, both loads in flight first */
+        const int c0 = base + tid, c1 = c0 + B, v0 = c0 < end, v1 = c1 < end;
         uint4 q0[2], q1[2], o[2];
         float sc = 1.0f;
         if (v0)
@@ -565,7 +572,7 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
         if (v0)
             for (int d = 0; d < n; ++d)
                 put8(drow[d] + header_bytes, mode, H, c0, o, sc);
-        if (base + B < nch) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
+        if (base + B < end) {  /* block-uniform: the second chunk's warps all take part (shuffles) */
             pack_raw(q1, in_bf16, mode, v1, o, &sc);
             if (v1)
                 for (int d = 0; d < n; ++d)
@@ -577,16 +584,17 @@ __device__ void dispatch_token(int t, const void* x, int in_bf16, const void* id
     trace(0, 1);
     if (tid == 0) {  /* one fence orders the whole block's stores (cumulative after the barrier) */
         fence_sys();
-        for (int d = 0; d < n; ++d)
-            st_relaxed((u64*)((u8*)peers[sr[dsl[d]]] + dtag_off) + (long long)me * max_tokens + sd[dsl[d]], seq);
+        for (int d = 0; d < n; ++d)  /* the tag of this part of the row */
+            st_relaxed((u64*)((u8*)spr[sr[dsl[d]]] + dtag_off) + ((long long)me * max_tokens + sd[dsl[d]]) * MAX_PARTS +
+                           part, seq);
     }
     trace(0, 2);
 }
 
 /* dispatch, the counting sender: tokens per (destination, expert) and rows
  * per destination into every destination's meta, then its flag
- * seq << 32 | rows; shared: E + ranks ints */
-__device__ void dispatch_meta(int* hist, int* sid, const void* idx, int idx64, int T, const u64* peers, int me,
+ * seq << 32 | (parts - 1) << 28 | rows; shared: E + ranks ints */
+__device__ void dispatch_meta(int* hist, int* sid, int parts, const void* idx, int idx64, int T, const u64* peers, int me,
                               int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
                               long long meta_bytes)
 {
@@ -633,7 +641,8 @@ __device__ void dispatch_meta(int* hist, int* sid, const void* idx, int idx64, i
     if (tid == 0) {
         fence_sys();
         for (int r = 0; r < ranks; ++r)
-            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me, ((u64)seq << 32) | (u32)rows[r]);
+            st_relaxed((u64*)((u8*)peers[r] + dflag_off) + me,
+                       ((u64)seq << 32) | ((u64)(parts - 1) << 28) | (u32)rows[r]);
     }
     trace(0, 2);
 }
@@ -660,8 +669,9 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
     if (!ok)
         return;
     const u8* meta = inbox + meta_off;
-    int* off = sh;                 /* [ranks][epr]: where source s's tokens start in expert e's list */
-    int* nsrc = sh + ranks * epr;  /* [ranks]: rows from each source */
+    int* off = sh;                     /* [ranks][epr]: where source s's tokens start in expert e's list */
+    int* nsrc = sh + ranks * epr;      /* [ranks]: rows from each source */
+    int* nparts = nsrc + ranks;        /* [ranks]: the blocks each of its rows was split over */
     for (int e = tid; e < epr; e += B) {
         int o = 0;
         for (int s = 0; s < ranks; ++s) {
@@ -678,6 +688,7 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
         if (q == 0)
             nrecv_out[s] = n;
         nsrc[s] = n < max_tokens ? n : max_tokens;
+        nparts[s] = 1 + (int)((((const u64*)(inbox + dflag_off))[s] >> 28) & 7u);
     }
     __syncthreads();
     if (tid == 0) {
@@ -697,13 +708,12 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
         const int s = rem / k, j = rem - s * k;
         if (i >= nsrc[s])
             continue;
-        int got = 1;
-        if (lane == 0)
-            got = wait_tag(tags + (long long)s * max_tokens + i, seq, start, timeout_ns, err, s);
-        got = __shfl_sync(0xffffffffu, got, 0);
-        if (!got)
+        int got = 1;  /* lane p waits for part p of the row */
+        if (lane < nparts[s])
+            got = wait_tag(tags + ((long long)s * max_tokens + i) * MAX_PARTS + lane, seq, start, timeout_ns, err, s);
+        if (__ballot_sync(0xffffffffu, got) != 0xffffffffu)
             return;
-        __syncwarp();  /* lane 0's acquire orders the other lanes' reads too */
+        __syncwarp();  /* the lanes' acquires order every lane's reads too */
         const u8* row = inbox + drows_off + ((long long)s * max_tokens + i) * row_bytes;
         const int* hdr = (const int*)row;
         const int e = hdr[1 + j];
@@ -727,28 +737,29 @@ __device__ void dispatch_expand(int q, int Q, int* sh, const u8* inbox, int rank
     }
 }
 
-/* grid (T + 1 + R), blockDim.x a multiple of 32, k <= 64; dynamic shared
- * memory 4 * (E + 1) + 8 * ranks.  Tickets 0..T-1: a token each; ticket T: the
- * counts; the R others: receivers. */
+/* grid (T * P + 1 + R), blockDim.x a multiple of 32, k <= 64, 1 <= P <= 8;
+ * dynamic shared memory 4 * (E + 1) + 16 * ranks.  Tickets 0..T*P-1: part
+ * ticket % P of token ticket / P; ticket T*P: the counts; the R others:
+ * receivers. */
 extern "C" __global__ void moe_dispatch(
     const void* x, int in_bf16, const void* idx, int idx64, const float* w, int T, int H, int mode,
     const u64* peers, int me, int ranks, int k, int epr, u32 seq, long long dflag_off, long long meta_off,
     long long meta_bytes, long long drows_off, long long row_bytes, long long header_bytes, long long dtag_off,
     int max_tokens, int* rowidx, long long payload_bytes, long long scale_bytes, u8* xout, float* sout,
     int* src_out, int* counts_out, int* offs_out, int* nrecv_out, long long cap, u64 timeout_ns, int* err,
-    u32* tickets, u32 base)
+    u32* tickets, u32 base, int parts)
 {
     DYN_SHARED(int, sh);
     __shared__ int sid[SID_WORDS];  /* senders: a chunk of the routing, CH tokens of ks ids each */
-    const u32 role = take_ticket(tickets, base);
+    const u32 role = take_ticket(tickets, base), S = (u32)T * (u32)parts;
     trace(0, 0);
-    if (role < (u32)T)
-        dispatch_token((int)role, x, in_bf16, idx, idx64, w, H, mode, peers, me, ranks, k, epr, seq, drows_off,
+    if (role < S)
+        dispatch_token((int)(role / (u32)parts), (int)(role % (u32)parts), parts, x, in_bf16, idx, idx64, w, H, mode, peers, me, ranks, k, epr, seq, drows_off,
                        row_bytes, header_bytes, dtag_off, max_tokens, rowidx, sid, sh);
-    else if (role == (u32)T)
-        dispatch_meta(sh, sid, idx, idx64, T, peers, me, ranks, k, epr, seq, dflag_off, meta_off, meta_bytes);
+    else if (role == S)
+        dispatch_meta(sh, sid, parts, idx, idx64, T, peers, me, ranks, k, epr, seq, dflag_off, meta_off, meta_bytes);
     else
-        dispatch_expand((int)(role - (u32)T - 1u), (int)(gridDim.x - (u32)T - 1u), sh, (const u8*)peers[me], ranks,
+        dispatch_expand((int)(role - S - 1u), (int)(gridDim.x - S - 1u), sh, (const u8*)peers[me], ranks,
                         k, epr, seq, dflag_off, meta_off, meta_bytes, drows_off, row_bytes, header_bytes,
                         payload_bytes, scale_bytes, dtag_off, max_tokens, xout, sout, src_out, counts_out, offs_out,
                         nrecv_out, cap, timeout_ns, err);

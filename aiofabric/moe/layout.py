@@ -23,7 +23,7 @@ A rank's **inbox** (one registered buffer; GPU: one allocation, one IPC handle):
     drows[ranks][max_tokens]   dispatch rows from each source, in token order
     crows[ranks][max_tokens]   combine rows from each expert rank: H x (2 | 4) bytes,
                                row i answers the i-th row this rank sent there
-    uint64  dtag[ranks][max_tokens]   GPU: round of the dispatch row (s, i) once it is complete
+    uint64  dtag[ranks][max_tokens][MAX_PARTS]   GPU: round of part p of dispatch row (s, i) once complete
     uint64  ctag[ranks][max_tokens]   GPU: round of the combine row (r, i) once it is complete
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = ["MoEConfig", "Routing", "MODES", "COMBINE_DTYPES", "check_tokens", "c
 MODES = ("bf16", "fp8", "float32")
 COMBINE_DTYPES = ("bf16", "float32")
 MAX_RANKS = 1024
+MAX_PARTS = 8  #: GPU: blocks one token's dispatch payload may be split over (kernels.py)
 
 
 def _align(n: int, a: int = 16) -> int:
@@ -146,7 +147,7 @@ class MoEConfig:
 
     @property
     def ctag_offset(self) -> int:
-        return self.dtag_offset + 8 * self.ranks * self.max_tokens
+        return self.dtag_offset + 8 * self.ranks * self.max_tokens * MAX_PARTS
 
     @property
     def inbox_bytes(self) -> int:
