@@ -16,18 +16,20 @@ the round's sequence number into each row's tag in the destination's inbox;
 a receiver waits for exactly the rows it is about to read (acquiring polls),
 so the receive work overlaps the transfer.
 
-``moe_dispatch``  tickets 0..T-1: token t routes itself (its row index at
-                  each destination rank and its position in each expert's
-                  list, counted over the tokens before it: a prefix computed
-                  in the block, no atomics on the order), quantises (a lane per
-                  8 channels, FP8 group maxima by warp shuffles) and stores the
-                  row (header + payload) with 8/16-byte stores straight into
-                  every destination's inbox (CUDA IPC mapping), then tags the
-                  rows.  Ticket T counts tokens per (destination, expert),
-                  writes the metas and raises each destination's meta flag
-                  ``seq << 32 | rows``.  The others wait for every meta, then a
-                  warp per (row, slot) waits for the row's tag and copies it
-                  into the expert's array.
+``moe_dispatch``  tickets 0..T*P-1: part p of token t (P = 1..8 blocks a
+                  token) routes the token (its row index at each destination
+                  rank and its position in each expert's list, counted over
+                  the tokens before it: a prefix computed in the block, no
+                  atomics on the order), quantises its share of the channels
+                  (a lane per 8 channels, FP8 group maxima by warp shuffles)
+                  and stores it with 8/16-byte stores straight into the row of
+                  every destination's inbox (CUDA IPC mapping; part 0 also the
+                  header), then tags its part of the rows.  Ticket T*P counts
+                  tokens per (destination, expert), writes the metas and raises
+                  each destination's meta flag ``seq << 32 | (P-1) << 28 |
+                  rows``.  The others wait for every meta, then a warp per
+                  (row, slot) waits for the row's P tags and copies it into the
+                  expert's array.
 ``moe_combine``   tickets 0..S-1: whole rows of every source, interleaved:
                   weighted partial sums over this rank's slots, 16-byte
                   stores into the source's inbox, one fence, the rows' tags.
