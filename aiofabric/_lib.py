@@ -8,6 +8,7 @@ from .errors import (
     BusyResourceError,
     ClosedResourceError,
     FabricError,
+    ProviderStuckError,
     RegistrationError,
     UnavailableError,
 )
@@ -44,6 +45,11 @@ def check(rc: int, what: str) -> int:
     if rc >= 0:
         return rc
     err = -rc
+    if err == lib.AFC_EWEDGED:
+        raise ProviderStuckError(
+            f"{what}: the engine's worker is stuck inside the provider (it has held the provider's "
+            "lock for longer than lock_timeout); close the engine and open a new one"
+        )
     text = f"{what}: {strerror(err)}"
     if what.startswith("register"):
         if err in (_errno.ENOMEM, _errno.EPERM, _errno.EAGAIN):

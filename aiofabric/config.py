@@ -10,7 +10,7 @@ __all__ = ["EngineConfig", "EngineStatistics", "Message", "NATIVE_FIELDS"]
 NATIVE_FIELDS = frozenset(
     "msg_size recv_slots send_slots max_ops sq_slots eq_slots spin_us wait_spin_us idle_ms direct_post "
     "max_peers stripe_threshold poll_pause_ns".split()
-)
+)  # lock_timeout is native too, as lock_timeout_ms (opener.py)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class EngineConfig:
         (shards rounded up to 4 KiB).  It still delivers exactly one
         immediate: the shards go first and a zero-byte write carrying the
         immediate follows once all of them are delivered (see docs/multi-nic.md).
+    lock_timeout: seconds the event loop waits for the worker's provider lock
+        (register, deregister, a new peer) before it raises
+        ProviderStuckError, and that closing waits for the worker to stop
+        before it abandons the engine: a provider call that never returns
+        (libfabric 1.17 shm on a killed peer) must not hang the loop.  See
+        docs/failures.md.
     """
 
     msg_size: int = 65536
@@ -63,6 +69,7 @@ class EngineConfig:
     poll_pause_ns: int = 0
     peer_timeout: float = 3.0
     stripe_threshold: int = 256 * 1024
+    lock_timeout: float = 5.0
 
 
 @dataclass(frozen=True)

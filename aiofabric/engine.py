@@ -31,6 +31,11 @@ _U32 = (1 << 32) - 1
 _OK_BATCH = 1024
 _EV_BATCH = 256
 
+#: Engines abandoned at close because their worker was stuck inside the
+#: provider: what the stuck thread (or the provider, on the peer's behalf) may
+#: still touch is kept here for the life of the process, never freed.
+_ABANDONED: list[tuple[Any, ...]] = []
+
 
 class TransferEngine:
     """One native worker driving a DomainGroup of 1–4 NICs.
@@ -188,11 +193,20 @@ class TransferEngine:
             self._gpu = gpu.GpuPath(self)
         return self._gpu
 
-    def _release_region(self, region: MemoryRegion) -> None:
+    def _release_region(self, region: MemoryRegion, strict: bool = False) -> None:
+        """Deregister a closed region once nothing is in flight from it.  When
+        the worker is stuck in the provider the region stays registered (and
+        referenced) until the engine closes; ``strict`` (region.close()) then
+        raises ProviderStuckError, the completion paths stay quiet."""
         if region._inflight == 0 and region._mr is not None and not self._closed:
-            mr, region._mr = region._mr, None
+            rc = lib.afc_mr_close(region._mr)
+            if rc == -lib.AFC_EWEDGED:
+                if strict:
+                    check(rc, "deregister")
+                return
+            region._mr = None
             self._regions.discard(region)
-            check(lib.afc_mr_close(mr), "fi_close(mr)")
+            check(rc, "fi_close(mr)")
 
     # -- addressing ---------------------------------------------------------
 
@@ -206,6 +220,8 @@ class TransferEngine:
             names = [nic.name for nic in owner._body.nics]
             out = ffi.new("uint32_t *")
             rc = lib.afc_peer_add(self._h, b"".join(names), [len(n) for n in names], len(names), out)
+            if rc == -lib.AFC_EWEDGED:
+                check(rc, "adding a peer")
             if rc == -lib.FI_ENOSPC:
                 raise ValueError(f"more than max_peers={self.config.max_peers} peers")
             if rc < 0:
@@ -709,7 +725,9 @@ class TransferEngine:
         addr = self._peer_addr[peer]
         exc = BrokenResourceError(f"peer {addr!r} failed: {reason}")
         self._failed[peer] = exc
-        lib.afc_peer_fail(self._h, peer, lib.FI_EHOSTUNREACH)  # queued work to it never reaches the provider
+        # Queued work to it never reaches the provider.  Never waits: the
+        # worker may be stuck in the provider on this very peer.
+        lib.afc_peer_fail(self._h, peer, lib.FI_EHOSTUNREACH)
         for i in [i for i, entry in self._pending.items() if entry[2] == peer]:
             fut, region, _ = self._pending.pop(i)
             if region is not None:
@@ -759,7 +777,7 @@ class TransferEngine:
 
     def statistics(self) -> EngineStatistics:
         s = ffi.new("struct afc_stats *")
-        if not self._closed:
+        if not self._closed:  # takes no lock: prompt even while the worker is stuck
             lib.afc_get_stats(self._h, s)
         vals = {f.name: int(getattr(s, f.name)) for f in fields(EngineStatistics) if hasattr(s, f.name)}
         return EngineStatistics(
@@ -803,7 +821,7 @@ class TransferEngine:
             self._gpu.close()  # waits for device copies, unmaps peer allocations
             for fut in list(self._gpu.pending):
                 self._gpu._finish(fut, ClosedResourceError("engine closed with the operation in flight"))
-        lib.afc_stop(self._h)  # joins the worker: nothing touches buffers after this
+        self._stop_worker()  # nothing touches buffers after this (or the engine is abandoned)
         exc = ClosedResourceError("engine closed with the operation in flight")
         for fut, _, _ in self._pending.values():
             if not fut.done():
@@ -823,9 +841,38 @@ class TransferEngine:
                 fut.set_exception(ClosedResourceError("engine is closed"))
         self._release_native()
 
+    def _stop_worker(self) -> bool:
+        """Stop the worker, waiting at most lock_timeout.  False when it is
+        stuck inside the provider: the engine is then abandoned."""
+        if self._h is None:
+            return False
+        ms = max(1, round(self.config.lock_timeout * 1000))
+        if lib.afc_stop(self._h, ms) == -lib.AFC_EWEDGED:
+            self._abandon()
+            return False
+        return True
+
+    def _abandon(self) -> None:
+        """The worker did not stop: it may return from the provider some day
+        and use the native engine, and the provider may still write into our
+        registered buffers.  Leak all of it on purpose, and say so once."""
+        _ABANDONED.append((self._h, self._doorbell, self._doorbell_buf, self._doorbell_cdata, list(self._regions)))
+        for region in self._regions:
+            region._closed = True
+            region._mr = None  # never deregistered: it stays valid for the stuck thread
+        self._regions.clear()
+        self._h = None
+        warnings.warn(
+            f"{self!r}: its worker thread is stuck inside the provider and did not stop within "
+            f"lock_timeout={self.config.lock_timeout:g} s; the engine is abandoned (its thread, memory, "
+            "registered buffers and provider objects are leaked on purpose)",
+            RuntimeWarning, stacklevel=2,
+        )
+
     def _release_native(self) -> None:
         """Deregister everything and free the native engine (no event-loop calls)."""
-        lib.afc_stop(self._h)
+        if not self._stop_worker():
+            return
         for region in list(self._regions):
             region._closed = True
             if region._mr is not None:
@@ -835,6 +882,16 @@ class TransferEngine:
         lib.afc_mr_close(self._doorbell[0])
         lib.afc_close(self._h)
         self._h = None
+
+    def _debug_wedge(self, ms: int) -> None:
+        """Test hook: the worker holds the provider lock for ``ms`` milliseconds
+        (1 to 600000) from its next pass, as if stuck inside a provider call;
+        0 ends a hold early."""
+        if type(ms) is not int or not 0 <= ms <= 600_000:
+            raise ValueError(f"ms must be an int from 0 to 600000, got {ms!r}")
+        if self._h is None:
+            raise ClosedResourceError("engine is closed")
+        check(lib.afc_debug_wedge(self._h, ms), "debug wedge")
 
     def __del__(self) -> None:
         # Dropped without aclose() (its loop has ended, or it would still be

@@ -17,6 +17,7 @@ __all__ = [
     "RegistrationError",
     "ClosedResourceError",
     "BrokenResourceError",
+    "ProviderStuckError",
     "BusyResourceError",
     "CompletionError",
     "RemoteAccessError",
@@ -42,6 +43,13 @@ class ClosedResourceError(FabricError, anyio.ClosedResourceError):
 
 class BrokenResourceError(FabricError, anyio.BrokenResourceError):
     """A peer or the transport failed; operations that depend on it cannot finish."""
+
+
+class ProviderStuckError(BrokenResourceError):
+    """The engine's worker thread is stuck inside a provider call (it has held
+    the provider's lock for longer than ``lock_timeout``), so the engine can
+    neither register, add peers nor make progress.  Close the engine and open
+    a new one; see docs/failures.md."""
 
 
 class BusyResourceError(FabricError, anyio.BusyResourceError):

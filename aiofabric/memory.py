@@ -192,7 +192,7 @@ class MemoryRegion:
         """Deregister.  Idempotent; later writes from or into it fail."""
         if not self._closed:
             self._closed = True
-            self.engine._release_region(self)
+            self.engine._release_region(self, strict=True)
 
     def __enter__(self) -> MemoryRegion:
         return self

@@ -111,6 +111,8 @@ def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[
         v = getattr(config, name)
         if v <= 0 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}")
+    if not 0 < config.lock_timeout <= 3600:
+        raise ValueError(f"lock_timeout must be positive and at most 3600 s, got {config.lock_timeout}")
     if not config.peer_timeout > 0:
         raise ValueError(f"peer_timeout must be positive (inf: no detection), got {config.peer_timeout}")
     for name in ("max_peers", "stripe_threshold"):
@@ -129,6 +131,7 @@ def _open_now(loop: asyncio.AbstractEventLoop, provider: str | None, nics: list[
     for f in fields(config):
         if f.name in NATIVE_FIELDS:
             setattr(cfg, f.name, int(getattr(config, f.name)))
+    cfg.lock_timeout_ms = max(1, round(config.lock_timeout * 1000))
     out = ffi.new("afc_engine **")
     err = ffi.new("char[]", 512)
     if provider == "shm":

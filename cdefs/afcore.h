@@ -13,6 +13,10 @@
 #define AFC_OP_PAGES 4
 
 #define AFC_ADDR_MAX 256  /* largest endpoint name we accept */
+/* Returned negated by calls that need the domain lock when the worker held it
+ * for longer than cfg.lock_timeout_ms: it is stuck inside a provider call.
+ * Outside libfabric's errno range (FI_ERRNO_OFFSET 256 and up). */
+#define AFC_EWEDGED 4096
 #define AFC_MAX_RAILS 4   /* NICs per engine (DomainGroup) */
 
 struct afc_config {
@@ -33,6 +37,7 @@ struct afc_config {
     uint32_t poll_pause_ns;    /* pause between polls after activity (0: sched_yield) */
     uint32_t max_peers;        /* size of the peer table */
     uint64_t stripe_threshold;       /* single writes of at least this many bytes are striped */
+    uint32_t lock_timeout_ms;  /* longest wait for the domain lock (and for the worker to stop at close) */
 };
 
 struct afc_event {
@@ -83,8 +88,12 @@ typedef struct afc_mr afc_mr;
 
 void afc_default_config(struct afc_config *cfg);
 int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_t errlen);
-void afc_stop(afc_engine *e);   /* stop the worker, close the endpoint */
-void afc_close(afc_engine *e);  /* afc_stop, then free everything */
+/* Stop the worker (waiting up to timeout_ms for it), close the endpoint.
+ * -AFC_EWEDGED when the worker did not stop in time: it is stuck inside a
+ * provider call.  The engine is then abandoned: the thread is detached and
+ * nothing it may still touch is ever freed (afc_close frees nothing). */
+int afc_stop(afc_engine *e, uint32_t timeout_ms);
+void afc_close(afc_engine *e);  /* afc_stop(cfg.lock_timeout_ms), then free everything */
 int afc_event_fd(afc_engine *e);
 uint32_t afc_n_rails(afc_engine *e);
 void afc_get_info(afc_engine *e, uint32_t rail, struct afc_info *out);
@@ -100,10 +109,15 @@ int afc_peer_remove(afc_engine *e, uint32_t peer);
 uint32_t afc_peer_paths(afc_engine *e, uint32_t peer);
 /* Declare a peer failed: nothing more is posted to it (queued and later
  * submissions fail with err, a positive fi errno, without reaching the
- * provider: some providers spin forever on a dead peer's shared memory). */
+ * provider: some providers spin forever on a dead peer's shared memory).
+ * Never waits for the domain lock: the worker writes off the peer's stuck
+ * sends the next time it holds it. */
 int afc_peer_fail(afc_engine *e, uint32_t peer, int32_t err);
 
-/* Register on every rail; keys[i] is rail i's key. */
+/* Register on every rail; keys[i] is rail i's key.  These two, and
+ * afc_peer_add / afc_peer_remove, wait at most cfg.lock_timeout_ms for the
+ * domain lock, then return -AFC_EWEDGED (afc_mr_close then frees nothing:
+ * call it again later). */
 int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access,
                afc_mr **out, uint64_t *keys, uint64_t *remote_base);
 int afc_mr_close(afc_mr *mr);
@@ -152,6 +166,13 @@ void afc_expect(afc_engine *e, int delta);
  * completion queue) unless the worker is doing so right now.  Returns the
  * number of entries handled. */
 int afc_progress(afc_engine *e);
+
+/* Test hook: the worker holds the domain lock for ms milliseconds (1 to
+ * 600000) from its next pass, as if stuck inside a provider call; ms 0 ends
+ * a hold early.  -FI_EINVAL for any other ms.  afc_debug_wedged: 1 while the
+ * worker holds the lock for the hook. */
+int afc_debug_wedge(afc_engine *e, int64_t ms);
+int afc_debug_wedged(afc_engine *e);
 
 /* ---- watcher (csrc/watcher.c) --------------------------------------------
  * Slots of 64-bit values in caller-owned memory that a producer raises with

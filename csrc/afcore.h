@@ -22,6 +22,9 @@
 #define AFC_OP_FENCE 16  /* the trailing immediate of a striped write */
 #define AFC_DEFER 256    /* submissions set aside while their peer's queue is full */
 #define AFC_NONE UINT32_MAX /* no peer / no send slot */
+/* afc_engine.req bits: requests made without dom_lock, served under it */
+#define AFC_REQ_WRITEOFF 1u /* a peer failed: write off its stuck sends */
+#define AFC_REQ_WEDGE 2u    /* test hook: the worker holds dom_lock (afc_debug_wedge) */
 /* afc_post_sqe's results besides 0 and -FI_EAGAIN (no shared room: stop this pass) */
 #define AFC_PARTIAL 1    /* out of operation contexts or budget: stop this pass */
 #define AFC_BLOCKED 2    /* the provider said -FI_EAGAIN for this one: others may go ahead */
@@ -47,6 +50,7 @@ struct afc_batch {
     uint32_t rr;                                     /* PAGES: next path to post on */
     struct afc_op *fence; /* STRIPE with imm: the op reserved for the trailing immediate */
     int fence_posted;
+    int live; /* on the engine's live list: linked when first posted (dom_lock) */
 };
 
 /* One submission: what Python asked for, copied by value. */
@@ -114,7 +118,9 @@ struct afc_rail {
 struct afc_peer {
     uint32_t live;
     uint32_t n_rails, n_paths;
-    int32_t failed; /* > 0: declared failed with this fi errno; nothing more is posted */
+    /* > 0: declared failed with this fi errno; nothing more is posted.  Atomic:
+     * afc_peer_fail sets it without the domain lock. */
+    _Atomic int32_t failed;
     fi_addr_t addr[AFC_MAX_RAILS]; /* per path, in our rail's AV */
 };
 
@@ -131,11 +137,21 @@ struct afc_engine {
     int epfd;
     struct afc_config cfg;
 
-    /* Everything that calls into libfabric holds dom_lock. */
+    /* Everything that calls into libfabric holds dom_lock.  The worker holds
+     * it around every provider call, and a provider may never return from one
+     * (libfabric 1.17 shm spins for ever on a queue lock a killed peer held):
+     * so the event loop never waits for it unbounded.  Failure and statistics
+     * calls do not take it at all (requests below, ops_out); the others wait
+     * at most cfg.lock_timeout_ms (-AFC_EWEDGED). */
     pthread_mutex_t dom_lock;
     pthread_t worker;
     int worker_started;
     atomic_int stop;
+    atomic_int abandoned; /* the worker did not stop in time: never free the engine */
+    atomic_uint req;      /* AFC_REQ_*: work for whoever holds dom_lock next */
+    _Atomic uint32_t ops_out; /* operations at the provider, published by op_get/op_put */
+    _Atomic uint64_t wedge_until; /* afc_debug_wedge: hold dom_lock until then (ns) */
+    atomic_int wedge_held;
     atomic_int sleeping;
     atomic_int expecting; /* tasks awaiting inbound traffic */
     _Atomic uint64_t loop_polled_ns; /* when the event loop last polled itself (afc_progress) */
@@ -184,6 +200,9 @@ struct afc_engine {
     } st;
 };
 
+/* engine.c */
+uint32_t afc_write_off_sends(afc_engine *e); /* dom_lock held */
+
 /* worker.c */
 void *afc_worker_main(void *arg);
 void afc_quiesce(afc_engine *e, int ms);
@@ -205,6 +224,11 @@ static inline char *afc_send_buf(afc_engine *e, uint32_t slot)
 static inline int afc_sq_empty(afc_engine *e)
 {
     return atomic_load(&e->sq_head) == atomic_load(&e->sq_tail);
+}
+
+static inline int32_t afc_peer_failed(afc_engine *e, uint32_t peer)
+{
+    return atomic_load_explicit(&e->peers[peer].failed, memory_order_acquire);
 }
 
 #define STAT_ADD(e, f, n) atomic_fetch_add_explicit(&(e)->st.f, (n), memory_order_relaxed)

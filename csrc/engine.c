@@ -9,6 +9,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "afcore.h"
@@ -31,6 +32,7 @@ void afc_default_config(struct afc_config *cfg)
     cfg->max_peers = 4096;
     cfg->poll_pause_ns = 0;
     cfg->stripe_threshold = 256 * 1024;
+    cfg->lock_timeout_ms = 5000;
 }
 
 int afc_random_u64(uint64_t *out)
@@ -94,16 +96,30 @@ static int reg_rail(afc_engine *e, uint32_t r, void *buf, size_t len, uint64_t a
             return -FI_EOTHER;
         rc = fi_mr_reg(rl->domain, buf, len, access, 0, key & e->key_mask, 0, out, NULL);
     }
-    if (rc)
-        return rc;
-    if (e->mr_mode & FI_MR_ENDPOINT) {
+    if (!rc && (e->mr_mode & FI_MR_ENDPOINT)) {
         rc = fi_mr_bind(*out, &rl->ep->fid, 0);
         if (!rc)
             rc = fi_mr_enable(*out);
         if (rc)
             fi_close(&(*out)->fid);
     }
+    if (rc)
+        *out = NULL; /* nothing for the caller to close */
     return rc;
+}
+
+/* Take dom_lock for a call the event loop makes, waiting at most
+ * cfg.lock_timeout_ms.  The worker holds the lock around every provider
+ * call, and a provider can spin for ever inside one: then this fails
+ * instead of hanging the loop.  0, or -AFC_EWEDGED without the lock. */
+static int dom_lock_bounded(afc_engine *e)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    uint64_t ns = (uint64_t)t.tv_nsec + (uint64_t)e->cfg.lock_timeout_ms * 1000000ull;
+    t.tv_sec += (time_t)(ns / 1000000000ull);
+    t.tv_nsec = (long)(ns % 1000000000ull);
+    return pthread_mutex_clocklock(&e->dom_lock, CLOCK_MONOTONIC, &t) ? -AFC_EWEDGED : 0;
 }
 
 static int alloc_rings(afc_engine *e)
@@ -132,7 +148,7 @@ static int alloc_rings(afc_engine *e)
     }
     for (uint32_t i = 0; i < c->send_slots; i++)
         e->send_slots[i].buf = e->msg_mem + (size_t)(c->recv_slots + i) * c->msg_size;
-    e->n_op_free = c->max_ops;
+    e->n_op_free = c->max_ops; /* ops_out stays 0 */
     for (uint32_t i = 0; i < c->send_slots; i++)
         e->send_free[i] = c->send_slots - 1 - i;
     e->n_send_free = c->send_slots;
@@ -286,7 +302,8 @@ int afc_open(const struct afc_config *cfg, afc_engine **out, char *errbuf, size_
 {
     *out = NULL;
     if (!is_pow2(cfg->sq_slots) || !is_pow2(cfg->eq_slots) || !cfg->max_ops || !cfg->recv_slots ||
-        !cfg->send_slots || cfg->msg_size < 64 || !cfg->max_peers || cfg->max_peers > (1u << 24) || cfg->poll_pause_ns >= 1000000000u)
+        !cfg->send_slots || cfg->msg_size < 64 || !cfg->max_peers || cfg->max_peers > (1u << 24) || cfg->poll_pause_ns >= 1000000000u ||
+        !cfg->lock_timeout_ms)
         return fail(errbuf, errlen, -FI_EINVAL, "invalid engine configuration");
     afc_engine *e = calloc(1, sizeof *e);
     if (!e)
@@ -327,15 +344,36 @@ static void close_fid(struct fid *f)
         fi_close(f);
 }
 
-void afc_stop(afc_engine *e)
+/* Join the worker, waiting at most timeout_ms.  0 when it has exited. */
+static int join_worker(afc_engine *e, uint32_t timeout_ms)
 {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    uint64_t ns = (uint64_t)t.tv_nsec + (uint64_t)timeout_ms * 1000000ull;
+    t.tv_sec += (time_t)(ns / 1000000000ull);
+    t.tv_nsec = (long)(ns % 1000000000ull);
+    return pthread_clockjoin_np(e->worker, NULL, CLOCK_MONOTONIC, &t);
+}
+
+int afc_stop(afc_engine *e, uint32_t timeout_ms)
+{
+    if (atomic_load(&e->abandoned))
+        return -AFC_EWEDGED;
     afc_watch_shutdown(e); /* no armed transfer may be submitted from here on */
     atomic_store(&e->stop, 1);
     if (e->worker_started) {
         uint64_t one = 1;
         ssize_t r = write(e->wake_fd, &one, sizeof one);
         (void)r;
-        pthread_join(e->worker, NULL);
+        if (join_worker(e, timeout_ms)) {
+            /* Stuck inside a provider call, holding dom_lock.  Nothing can
+             * interrupt it, and it may return some day and touch the engine,
+             * its buffers and the provider's objects: abandon them all. */
+            pthread_detach(e->worker);
+            e->worker_started = 0;
+            atomic_store(&e->abandoned, 1);
+            return -AFC_EWEDGED;
+        }
         e->worker_started = 0;
     }
     if (e->rail[0].ep && e->rail[0].cq)
@@ -346,13 +384,26 @@ void afc_stop(afc_engine *e)
             e->rail[r].ep = NULL;
         }
     }
+    return 0;
+}
+
+/* A batch that never reached afc_post_sqe is on no list: only its
+ * submission refers to it. */
+static void free_queued_batches(afc_engine *e)
+{
+    for (uint64_t h = atomic_load(&e->sq_head); e->sq && h != atomic_load(&e->sq_tail); h++) {
+        struct afc_sqe *s = &e->sq[h & e->sq_mask];
+        if (s->kind == AFC_OP_PAGES && !s->batch->live)
+            afc_batch_free(e, s->batch);
+    }
 }
 
 void afc_close(afc_engine *e)
 {
     if (!e)
         return;
-    afc_stop(e);
+    if (afc_stop(e, e->cfg.lock_timeout_ms))
+        return; /* abandoned: the stuck worker may still use all of it */
     /* Endpoints are closed: no provider holds a send buffer any more. */
     while (e->orphans) {
         struct afc_orphan *o = e->orphans;
@@ -374,6 +425,7 @@ void afc_close(afc_engine *e)
         if (rl->info)
             fi_freeinfo(rl->info);
     }
+    free_queued_batches(e);
     while (e->batches)
         afc_batch_free(e, e->batches);
     if (e->wake_fd >= 0)
@@ -462,9 +514,8 @@ void afc_get_stats(afc_engine *e, struct afc_stats *o)
         o->rail_bytes[r] = atomic_load_explicit(&e->rail[r].bytes_posted, memory_order_relaxed);
     o->fence_unconfirmed = (uint32_t)e->no_dc;
     o->sq_depth = atomic_load(&e->sq_tail) - atomic_load(&e->sq_head);
-    pthread_mutex_lock(&e->dom_lock);
-    o->ops_in_flight = e->cfg.max_ops - e->n_op_free;
-    pthread_mutex_unlock(&e->dom_lock);
+    /* Published by op_get/op_put: statistics never wait for the domain lock. */
+    o->ops_in_flight = atomic_load_explicit(&e->ops_out, memory_order_relaxed);
 }
 
 static void peer_release(afc_engine *e, uint32_t id) /* dom_lock held */
@@ -496,7 +547,9 @@ int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_
         off[r] = o;
         o += lens[r];
     }
-    pthread_mutex_lock(&e->dom_lock);
+    int rc = dom_lock_bounded(e);
+    if (rc)
+        return rc;
     if (!e->n_peer_free) {
         pthread_mutex_unlock(&e->dom_lock);
         return -FI_ENOSPC;
@@ -507,7 +560,6 @@ int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_
     p->n_paths = n_rails > e->n_rails ? n_rails : e->n_rails;
     for (uint32_t k = 0; k < AFC_MAX_RAILS; k++)
         p->addr[k] = FI_ADDR_NOTAVAIL;
-    int rc = 0;
     for (uint32_t k = 0; k < p->n_paths && !rc; k++) {
         uint32_t l = k % e->n_rails, r = k % n_rails;
         for (uint32_t j = 0; j < k; j++) /* an earlier path over the same pair */
@@ -532,8 +584,10 @@ int afc_peer_add(afc_engine *e, const char *names, const uint32_t *lens, uint32_
 
 int afc_peer_remove(afc_engine *e, uint32_t peer)
 {
-    pthread_mutex_lock(&e->dom_lock);
-    int rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
+    int rc = dom_lock_bounded(e);
+    if (rc)
+        return rc;
+    rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
     if (!rc)
         peer_release(e, peer);
     pthread_mutex_unlock(&e->dom_lock);
@@ -554,13 +608,16 @@ static void free_send_buf(afc_engine *e, char *buf, struct fid_mr *mr)
  * ever): give their slots back with fresh buffers, so that a dead peer cannot
  * use up the slots every other peer needs.  The provider keeps the old
  * buffer until close; a late completion finds the slot written off.
- * dom_lock held.  Returns how many were written off. */
-static uint32_t write_off_sends(afc_engine *e, uint32_t peer)
+ * dom_lock held (the worker serves AFC_REQ_WRITEOFF: afc_peer_fail cannot
+ * wait for the lock).  Covers every failed peer; returns how many were
+ * written off. */
+uint32_t afc_write_off_sends(afc_engine *e)
 {
     uint32_t n = 0;
     for (uint32_t i = 0; i < e->cfg.max_ops; i++) {
         struct afc_op *op = &e->ops[i];
-        if (op->peer != peer || op->kind != AFC_OP_SEND || op->slot == AFC_NONE)
+        if (op->peer == AFC_NONE || op->kind != AFC_OP_SEND || op->slot == AFC_NONE ||
+            !afc_peer_failed(e, op->peer))
             continue;
         struct afc_orphan *o = malloc(sizeof *o);
         char *buf = NULL;
@@ -590,21 +647,37 @@ static uint32_t write_off_sends(afc_engine *e, uint32_t peer)
     return n;
 }
 
+/* Called when failure detection fires, which is exactly when the worker may
+ * be stuck in the provider on that peer: so no lock.  `live` is written only
+ * by the caller's thread (afc_peer_add/remove); the posting paths read
+ * `failed` before every post, and the worker writes off the peer's sends the
+ * next time it holds the lock. */
 int afc_peer_fail(afc_engine *e, uint32_t peer, int32_t err)
 {
-    pthread_mutex_lock(&e->dom_lock);
-    int rc = peer < e->cfg.max_peers && e->peers[peer].live ? 0 : -FI_EINVAL;
-    if (!rc) {
-        e->peers[peer].failed = err > 0 ? err : FI_EHOSTUNREACH;
-        STAT_ADD(e, sends_written_off, write_off_sends(e, peer));
-    }
-    pthread_mutex_unlock(&e->dom_lock);
-    return rc;
+    if (peer >= e->cfg.max_peers || !e->peers[peer].live)
+        return -FI_EINVAL;
+    atomic_store(&e->peers[peer].failed, err > 0 ? err : FI_EHOSTUNREACH);
+    atomic_fetch_or(&e->req, AFC_REQ_WRITEOFF);
+    afc_wake_worker(e);
+    return 0;
 }
 
 uint32_t afc_peer_paths(afc_engine *e, uint32_t peer)
 {
     return peer < e->cfg.max_peers ? e->peers[peer].n_paths : 0;
+}
+
+/* Close a registration's per-rail regions (dom_lock held); first error. */
+static int close_mrs(afc_mr *m)
+{
+    int rc = 0;
+    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
+        if (m->mr[r]) {
+            int x = fi_close(&m->mr[r]->fid);
+            rc = rc ? rc : x;
+            m->mr[r] = NULL;
+        }
+    return rc;
 }
 
 int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **out, uint64_t *keys,
@@ -614,13 +687,18 @@ int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **o
     if (!m)
         return -FI_ENOMEM;
     m->engine = e;
-    int rc = 0;
-    pthread_mutex_lock(&e->dom_lock);
+    int rc = dom_lock_bounded(e);
+    if (rc) {
+        free(m);
+        return rc;
+    }
     for (uint32_t r = 0; r < e->n_rails && !rc; r++)
         rc = reg_rail(e, r, buf, len, access, &m->mr[r]);
+    if (rc)
+        close_mrs(m); /* the rails registered before the failure */
     pthread_mutex_unlock(&e->dom_lock);
     if (rc) {
-        afc_mr_close(m);
+        free(m);
         return rc;
     }
     for (uint32_t r = 0; r < e->n_rails; r++)
@@ -632,14 +710,12 @@ int afc_mr_reg(afc_engine *e, void *buf, size_t len, uint64_t access, afc_mr **o
 
 int afc_mr_close(afc_mr *m)
 {
-    int rc = 0;
-    pthread_mutex_lock(&m->engine->dom_lock);
-    for (uint32_t r = 0; r < AFC_MAX_RAILS; r++)
-        if (m->mr[r]) {
-            int x = fi_close(&m->mr[r]->fid);
-            rc = rc ? rc : x;
-        }
-    pthread_mutex_unlock(&m->engine->dom_lock);
+    afc_engine *e = m->engine;
+    int rc = dom_lock_bounded(e);
+    if (rc)
+        return rc; /* still registered: the caller may try again */
+    rc = close_mrs(m);
+    pthread_mutex_unlock(&e->dom_lock);
     free(m);
     return rc;
 }
@@ -649,9 +725,12 @@ static int submit(afc_engine *e, const struct afc_sqe *s)
 {
     if (atomic_load_explicit(&e->stop, memory_order_relaxed))
         return -FI_ESHUTDOWN;
-    if (e->cfg.direct_post && s->kind != AFC_OP_PAGES && afc_sq_empty(e)) {
+    /* Direct posting only when the lock is free right now: the worker holds it
+     * while it polls (queueing is then as fast) or while stuck in the provider
+     * (waiting would hang the caller). */
+    if (e->cfg.direct_post && s->kind != AFC_OP_PAGES && afc_sq_empty(e) &&
+        pthread_mutex_trylock(&e->dom_lock) == 0) {
         uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
-        pthread_mutex_lock(&e->dom_lock);
         int rc = afc_post_sqe(e, s);
         pthread_mutex_unlock(&e->dom_lock);
         if (atomic_load_explicit(&e->ev_tail, memory_order_relaxed) != published)
@@ -698,22 +777,15 @@ static struct afc_batch *batch_new(afc_engine *e, uint64_t id, uint32_t kind, ui
     return b;
 }
 
-/* Make a batch live and queue it; frees it when it could not be queued. */
+/* Queue a batch; frees it when it could not be queued.  No lock: the batch
+ * joins the engine's live list when it is first posted (afc_post_sqe), and
+ * afc_close frees those still queued. */
 static int submit_batch(afc_engine *e, struct afc_batch *b)
 {
-    pthread_mutex_lock(&e->dom_lock);
-    b->next_live = e->batches;
-    if (e->batches)
-        e->batches->prev = b;
-    e->batches = b;
-    pthread_mutex_unlock(&e->dom_lock);
     struct afc_sqe s = {.kind = AFC_OP_PAGES, .id = b->id, .imm = b->imm, .batch = b};
     int rc = submit(e, &s); /* batches always go through the worker */
-    if (rc) { /* not queued: nothing else references the batch */
-        pthread_mutex_lock(&e->dom_lock);
+    if (rc) /* not queued: nothing else references the batch */
         afc_batch_free(e, b);
-        pthread_mutex_unlock(&e->dom_lock);
-    }
     return rc;
 }
 

@@ -66,17 +66,27 @@ void afc_wake_worker(afc_engine *e)
     }
 }
 
+/* The pool is dom_lock's; its fill level is published for afc_get_stats,
+ * which must not wait for the lock (a plain store: one writer at a time). */
+static void publish_ops_out(afc_engine *e)
+{
+    atomic_store_explicit(&e->ops_out, e->cfg.max_ops - e->n_op_free, memory_order_relaxed);
+}
+
 static struct afc_op *op_get(afc_engine *e)
 {
     if (!e->n_op_free)
         return NULL;
-    return &e->ops[e->op_free[--e->n_op_free]];
+    struct afc_op *op = &e->ops[e->op_free[--e->n_op_free]];
+    publish_ops_out(e);
+    return op;
 }
 
 static void op_put(afc_engine *e, struct afc_op *op)
 {
     op->peer = AFC_NONE;
     e->op_free[e->n_op_free++] = (uint32_t)(op - e->ops);
+    publish_ops_out(e);
 }
 
 static void send_slot_put(afc_engine *e, uint32_t slot)
@@ -94,14 +104,28 @@ int afc_post_recv(afc_engine *e, uint32_t slot)
                         &op->ctx);
 }
 
+/* Put a batch on the engine's live list (freed at close), the first time
+ * it is posted.  Submitters do not: they must not wait for dom_lock. */
+static void batch_link(afc_engine *e, struct afc_batch *b)
+{
+    b->prev = NULL;
+    b->next_live = e->batches;
+    if (e->batches)
+        e->batches->prev = b;
+    e->batches = b;
+    b->live = 1;
+}
+
 void afc_batch_free(afc_engine *e, struct afc_batch *b)
 {
-    if (b->prev)
-        b->prev->next_live = b->next_live;
-    else
-        e->batches = b->next_live;
-    if (b->next_live)
-        b->next_live->prev = b->prev;
+    if (b->live) {
+        if (b->prev)
+            b->prev->next_live = b->next_live;
+        else
+            e->batches = b->next_live;
+        if (b->next_live)
+            b->next_live->prev = b->prev;
+    }
     free(b->sidx);
     free(b);
 }
@@ -158,8 +182,9 @@ static ssize_t post_write(afc_engine *e, struct afc_peer *p, uint32_t path, cons
 static int post_fence(afc_engine *e, struct afc_batch *b)
 {
     struct afc_op *op = b->fence;
-    if (e->peers[b->peer].failed) {
-        b->err = e->peers[b->peer].failed;
+    int32_t failed = afc_peer_failed(e, b->peer);
+    if (failed) {
+        b->err = failed;
         batch_done(e, b); /* gives the reserved op back */
         return 0;
     }
@@ -214,9 +239,10 @@ static void stripe_landed(afc_engine *e, struct afc_batch *b)
 static int post_batch(afc_engine *e, struct afc_batch *b)
 {
     struct afc_peer *p = &e->peers[b->peer];
-    if (p->failed && b->posted < b->n) { /* the rest never reaches the provider */
+    int32_t failed = afc_peer_failed(e, b->peer);
+    if (failed && b->posted < b->n) { /* the rest never reaches the provider */
         if (!b->err)
-            b->err = p->failed;
+            b->err = failed;
         b->remaining -= b->n - b->posted;
         b->posted = b->n;
         if (b->remaining == 0)
@@ -286,6 +312,8 @@ static int post_batch(afc_engine *e, struct afc_batch *b)
 int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
 {
     if (s->kind == AFC_OP_PAGES) {
+        if (!s->batch->live)
+            batch_link(e, s->batch);
         if (ev_room(e) < AFC_CQ_BATCH + 2)
             return -FI_EAGAIN;
         return post_batch(e, s->batch);
@@ -300,11 +328,12 @@ int afc_post_sqe(afc_engine *e, const struct afc_sqe *s)
     }
     if (ev_room(e) < AFC_CQ_BATCH + 2)
         return -FI_EAGAIN; /* keep room for the error record */
-    if (e->peers[s->peer].failed) { /* never reaches the provider */
+    int32_t failed = afc_peer_failed(e, s->peer);
+    if (failed) { /* never reaches the provider */
         STAT_ADD(e, errors, 1);
         if (s->kind == AFC_OP_SEND)
             send_slot_put(e, s->slot);
-        afc_ev_push(e, s->id, AFC_EV_ERROR, e->peers[s->peer].failed, 0, 0);
+        afc_ev_push(e, s->id, AFC_EV_ERROR, failed, 0, 0);
         return 0;
     }
     struct afc_op *op = op_get(e);
@@ -511,7 +540,7 @@ static int idle_block(afc_engine *e, int timeout_us)
 {
     int woke = 0;
     atomic_store(&e->sleeping, 1);
-    if (!afc_sq_empty(e) || atomic_load(&e->stop)) {
+    if (!afc_sq_empty(e) || atomic_load(&e->stop) || atomic_load(&e->req)) {
         atomic_store(&e->sleeping, 0);
         return 1;
     }
@@ -544,10 +573,57 @@ static int idle_block(afc_engine *e, int timeout_us)
     return woke;
 }
 
+/* The test hook's hold (dom_lock held): as if stuck inside a provider call,
+ * until wedge_until passes or afc_debug_wedge(e, 0) clears it.  Deaf to
+ * stop, like a provider spinning on a dead peer's lock. */
+static void debug_hold(afc_engine *e)
+{
+    const struct timespec ms = {0, 1000000};
+    atomic_store(&e->wedge_held, 1);
+    while (afc_now_ns() < atomic_load(&e->wedge_until))
+        nanosleep(&ms, NULL);
+    atomic_store(&e->wedge_held, 0);
+}
+
+/* Serve the requests made without dom_lock (held now).  Only the worker
+ * serves the test hook: afc_progress runs on the event loop's thread. */
+static void serve_requests(afc_engine *e, int worker)
+{
+    if (!atomic_load_explicit(&e->req, memory_order_relaxed))
+        return;
+    if (worker && (atomic_fetch_and(&e->req, ~AFC_REQ_WEDGE) & AFC_REQ_WEDGE))
+        debug_hold(e);
+    if (atomic_fetch_and(&e->req, ~AFC_REQ_WRITEOFF) & AFC_REQ_WRITEOFF) {
+        uint32_t n = afc_write_off_sends(e);
+        if (n) {
+            STAT_ADD(e, sends_written_off, n);
+            afc_notify_loop(e); /* messages waiting for a slot can go now */
+        }
+    }
+}
+
+int afc_debug_wedge(afc_engine *e, int64_t ms)
+{
+    if (ms < 0 || ms > 600000)
+        return -FI_EINVAL;
+    atomic_store(&e->wedge_until, ms ? afc_now_ns() + (uint64_t)ms * 1000000ull : 0);
+    if (ms) {
+        atomic_fetch_or(&e->req, AFC_REQ_WEDGE);
+        afc_wake_worker(e);
+    }
+    return 0;
+}
+
+int afc_debug_wedged(afc_engine *e)
+{
+    return atomic_load(&e->wedge_held);
+}
+
 int afc_progress(afc_engine *e)
 {
     if (atomic_load_explicit(&e->stop, memory_order_relaxed) || pthread_mutex_trylock(&e->dom_lock))
         return 0;
+    serve_requests(e, 0);
     int n = submit_queued(e);
     n += poll_cq(e);
     pthread_mutex_unlock(&e->dom_lock);
@@ -581,12 +657,13 @@ void *afc_worker_main(void *arg)
         /* While the event loop polls for itself (loop_spin_us), one poller per
          * engine is enough: sleep, but wake at once for submissions. */
         uint64_t polled = atomic_load_explicit(&e->loop_polled_ns, memory_order_relaxed);
-        if (polled && afc_now_ns() - polled < 100000) {
+        if (polled && afc_now_ns() - polled < 100000 && !atomic_load_explicit(&e->req, memory_order_relaxed)) {
             idle_block(e, 100);
             continue;
         }
         uint64_t published = atomic_load_explicit(&e->ev_tail, memory_order_relaxed);
         pthread_mutex_lock(&e->dom_lock);
+        serve_requests(e, 1);
         int work = submit_queued(e);
         work += poll_cq(e);
         int busy = e->n_op_free < e->cfg.max_ops || !afc_sq_empty(e) || e->n_defer;
