@@ -108,17 +108,24 @@ static int reg_rail(afc_engine *e, uint32_t r, void *buf, size_t len, uint64_t a
     return rc;
 }
 
+/* CLOCK_MONOTONIC time ms milliseconds from now */
+static struct timespec deadline_in(uint32_t ms)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    uint64_t ns = (uint64_t)t.tv_nsec + (uint64_t)ms * 1000000ull;
+    t.tv_sec += (time_t)(ns / 1000000000ull);
+    t.tv_nsec = (long)(ns % 1000000000ull);
+    return t;
+}
+
 /* Take dom_lock for a call the event loop makes, waiting at most
  * cfg.lock_timeout_ms.  The worker holds the lock around every provider
  * call, and a provider can spin for ever inside one: then this fails
  * instead of hanging the loop.  0, or -AFC_EWEDGED without the lock. */
 static int dom_lock_bounded(afc_engine *e)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    uint64_t ns = (uint64_t)t.tv_nsec + (uint64_t)e->cfg.lock_timeout_ms * 1000000ull;
-    t.tv_sec += (time_t)(ns / 1000000000ull);
-    t.tv_nsec = (long)(ns % 1000000000ull);
+    struct timespec t = deadline_in(e->cfg.lock_timeout_ms);
     return pthread_mutex_clocklock(&e->dom_lock, CLOCK_MONOTONIC, &t) ? -AFC_EWEDGED : 0;
 }
 
@@ -347,11 +354,7 @@ static void close_fid(struct fid *f)
 /* Join the worker, waiting at most timeout_ms.  0 when it has exited. */
 static int join_worker(afc_engine *e, uint32_t timeout_ms)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    uint64_t ns = (uint64_t)t.tv_nsec + (uint64_t)timeout_ms * 1000000ull;
-    t.tv_sec += (time_t)(ns / 1000000000ull);
-    t.tv_nsec = (long)(ns % 1000000000ull);
+    struct timespec t = deadline_in(timeout_ms);
     return pthread_clockjoin_np(e->worker, NULL, CLOCK_MONOTONIC, &t);
 }
 
