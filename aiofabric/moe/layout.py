@@ -17,8 +17,7 @@ reference.py): a header then the payload::
 
 A rank's **inbox** (one registered buffer; GPU: one allocation, one IPC handle)::
 
-    uint64  dflag[ranks]       GPU: dispatch flag from each source, seq << 32 | rows
-    uint64  cflag[ranks]       GPU: combine flag from each expert rank, seq << 32 | rows
+    uint64  dflag[ranks]       GPU: meta flag from each source, seq << 32 | (parts - 1) << 28 | rows
     meta[ranks]                from each source: uint32 seq, uint32 rows, int32 count[E/ranks]
     drows[ranks][max_tokens]   dispatch rows from each source, in token order
     crows[ranks][max_tokens]   combine rows from each expert rank: H x (2 | 4) bytes,
@@ -126,12 +125,8 @@ class MoEConfig:
         return 0
 
     @property
-    def cflag_offset(self) -> int:
-        return 8 * self.ranks
-
-    @property
     def meta_offset(self) -> int:
-        return _align(16 * self.ranks)
+        return _align(8 * self.ranks)
 
     @property
     def drows_offset(self) -> int:
