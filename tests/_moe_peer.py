@@ -84,6 +84,24 @@ async def run_round(ep: ExpertParallel, seed: int) -> tuple:
     return d, out
 
 
+async def one_round(eps, seed: int, seconds: float = 10.0) -> None:
+    """One dispatch/combine round of ranks in this process (fabric
+    backends), every rank's result checked against the reference; each wait
+    bounded by ``seconds``."""
+    cfg = eps[0].config
+    tokens, idx, w = problem(cfg, seed)
+    for r, ep in enumerate(eps):
+        ep.dispatch_send(tokens[r], idx[r], w[r])
+    async with asyncio.timeout(seconds):
+        ds = await asyncio.gather(*(ep.dispatch_recv() for ep in eps))
+    for r, (ep, d) in enumerate(zip(eps, ds)):
+        ep.combine_send(experts(cfg, r, d.x, d.scales, d.offsets))
+    async with asyncio.timeout(seconds):
+        outs = await asyncio.gather(*(ep.combine_recv() for ep in eps))
+    for r in range(cfg.ranks):
+        assert check(cfg, r, seed, ds[r], outs[r]) is None
+
+
 def rank_main(provider: str, rank: int, cfg_dict: dict, seeds: list, conn) -> None:
     """A rank process: sends its engine address, gets everyone's, joins,
     runs a round per seed, reports None or the first difference; then waits

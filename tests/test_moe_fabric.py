@@ -39,19 +39,6 @@ async def close_all(engines, eps) -> None:
         await e.aclose()
 
 
-async def one_round(eps, seed):
-    cfg = eps[0].config
-    tokens, idx, w = _moe_peer.problem(cfg, seed)
-    for r, ep in enumerate(eps):
-        ep.dispatch_send(tokens[r], idx[r], w[r])
-    ds = await bounded(asyncio.gather(*(ep.dispatch_recv() for ep in eps)))
-    for r, (ep, d) in enumerate(zip(eps, ds)):
-        ep.combine_send(_moe_peer.experts(cfg, r, d.x, d.scales, d.offsets))
-    outs = await bounded(asyncio.gather(*(ep.combine_recv() for ep in eps)))
-    for r in range(cfg.ranks):
-        assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
-
-
 @pytest.mark.parametrize("provider", ["shm", "tcp;ofi_rxm", "udp;ofi_rxd"])
 @pytest.mark.parametrize("ranks, epr, k, mode, cdt", [
     (2, 3, 4, "fp8", "bf16"),
@@ -64,7 +51,7 @@ async def test_engines_in_one_process(provider, ranks, epr, k, mode, cdt, loop_e
     engines, eps = await group(provider, cfg)
     try:
         for seed in range(3):  # rounds reuse the buffers
-            await one_round(eps, seed)
+            await _moe_peer.one_round(eps, seed)
         for e in engines:
             assert e.statistics().pending_futures == 0
     finally:

@@ -165,15 +165,7 @@ async def test_fabric_gpu_path_equals_reference(loop_errors):
     try:
         await bounded(asyncio.gather(*(ep.join([e.address for e in engines]) for ep in eps)))
         for seed in (3, 4):
-            tokens, idx, w = _moe_peer.problem(cfg, seed)
-            for r, ep in enumerate(eps):
-                ep.dispatch_send(tokens[r], idx[r], w[r])
-            ds = await bounded(asyncio.gather(*(ep.dispatch_recv() for ep in eps)))
-            for r, (ep, d) in enumerate(zip(eps, ds)):
-                ep.combine_send(_moe_peer.experts(cfg, r, d.x, d.scales, d.offsets))
-            outs = await bounded(asyncio.gather(*(ep.combine_recv() for ep in eps)))
-            for r in range(2):
-                assert _moe_peer.check(cfg, r, seed, ds[r], outs[r]) is None
+            await _moe_peer.one_round(eps, seed)
     finally:
         for ep in eps:
             ep.close()
